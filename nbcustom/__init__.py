@@ -1,0 +1,26 @@
+"""nbcustom: fine-tune, retrain and RAG over the notebook's DuckDB tables.
+
+``%load_ext nbcustom`` registers ``%%finetune``, ``%%retrain``, ``%%rag``, ``%%predict`` and
+``%nbc``. The same operations are plain functions here. Nothing heavy (torch, transformers,
+autogluon, llama_index) is imported until a run needs it.
+"""
+
+from .api import ask, evaluate, finetune, load, predict, rag, retrain
+from .data import default_session
+from .errors import NbCustomError
+from .store import Store
+
+__version__ = "0.1.0"
+__all__ = ["NbCustomError", "Store", "ask", "connection", "evaluate", "finetune", "load", "predict", "rag", "retrain"]
+
+
+def connection():
+    """The DuckDB connection the magics and the API query by default."""
+    return default_session().con
+
+
+def load_ipython_extension(shell) -> None:
+    """``%load_ext nbcustom``."""
+    from .magics import load_ipython_extension as load
+
+    load(shell)

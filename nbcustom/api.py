@@ -1,0 +1,228 @@
+"""The public API: the one path the magics, the Python API and the CLI all take.
+
+magic -> api -> data (rows) -> engine (train, evaluate; reports to a display) -> store
+(commit) -> display (summary).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import uuid
+from importlib import metadata
+from typing import Any, Mapping
+
+from . import data as _data
+from .display import Summary, make_display
+from .engines import Outcome, engine
+from .errors import NbCustomError
+from .specs import FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
+from .store import Store, Version, check_name
+
+LIBRARIES = {
+    "llm": ("torch", "transformers", "peft"),
+    "automl": ("autogluon.tabular", "autogluon.timeseries"),
+    "rag": ("llama-index-core", "sentence-transformers", "transformers", "torch"),
+}
+
+
+def default_store() -> str:
+    return os.environ.get("NBCUSTOM_STORE", "nbcustom_store")
+
+
+def default_ui() -> str:
+    return os.environ.get("NBCUSTOM_UI", "auto")
+
+
+def _store(store: str | os.PathLike | Store | None) -> Store:
+    return store if isinstance(store, Store) else Store(store or default_store())
+
+
+def rows_of(data: Any, namespace: Mapping[str, Any] | None = None, con=None, params=None):
+    """SQL text or a DataFrame -> a non-empty ``pandas.DataFrame``."""
+    frame = _data.to_pandas(data, namespace=namespace, con=con, params=params)
+    if frame.empty:
+        raise NbCustomError("the query returned no rows: check its WHERE clause and the table's contents")
+    return frame
+
+
+def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+    """Fine-tune ``name`` on ``data`` (SQL text or a DataFrame).
+
+    A new NAME or an LLM: LoRA fine-tuning of ``base``. An AutoML NAME (made by
+    ``retrain``): an update on the new rows only, with the previous version's model types.
+    """
+    check_name(name)
+    spec = FinetuneSpec.from_options(**options)
+    store = _store(store)
+    kind = store.kind(name) or "llm"
+    if kind == "rag":
+        raise NbCustomError(f"{name} is a RAG index: refresh it with %%rag {name}")
+    rows = rows_of(data, namespace, con)
+    previous = _previous(store, name, spec.from_version)
+    train = engine("llm").train if kind == "llm" else engine("automl").update
+    return _commit("finetune", name, kind, spec, data, rows, previous, train, store, ui)
+
+
+def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+    """Train an AutoGluon model from scratch on the previous version's rows plus ``data``."""
+    check_name(name)
+    spec = RetrainSpec.from_options(**options)
+    store = _store(store)
+    kind = store.kind(name)
+    if kind not in (None, "automl"):
+        raise NbCustomError(f"{name} is a {kind} model; %%retrain makes AutoML models: choose another name")
+    rows = rows_of(data, namespace, con)
+    return _commit("retrain", name, "automl", spec, data, rows, store.active(name), engine("automl").train, store, ui)
+
+
+def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+    """Build or incrementally refresh the retrieval index ``name`` from the rows of ``data``."""
+    check_name(name)
+    spec = RagSpec.from_options(**options)
+    store = _store(store)
+    kind = store.kind(name)
+    if kind not in (None, "rag"):
+        raise NbCustomError(f"{name} is a {kind} model, not a RAG index: choose another name")
+    rows = rows_of(data, namespace, con)
+    return _commit("rag", name, "rag", spec, data, rows, store.active(name), engine("rag").build, store, ui)
+
+
+def ask(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None):
+    """Answer each question from the index ``name``: a DataFrame with ``question``,
+    ``answer`` and ``sources`` (id, score, snippet, metadata of each retrieved chunk)."""
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    questions = [q.strip() for q in questions if q and q.strip()]
+    if not questions:
+        raise NbCustomError("no question given: write one question per line under %%rag NAME --ask")
+    return load(name, version=version, store=store, kind="rag").ask(questions, top_k=top_k)
+
+
+def evaluate(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None) -> Version:
+    """RAG evaluation: the LLM alone (before) vs with retrieval (after), recorded with the
+    active version (``metrics.before/after`` in its manifest and ``eval.parquet``)."""
+    store = _store(store)
+    current = store.get(check_name(name))
+    if current.kind != "rag":
+        raise NbCustomError(f"{name} is a {current.kind} model: --eval is for RAG indexes")
+    rows = rows_of(data, namespace, con)
+    display = make_display(ui or default_ui(), f"%%rag {name} --eval")
+    try:
+        index = engine("rag").load(current)
+        outcome = index.evaluate(rows, display, top_k=top_k)
+        updated = store.update(
+            name, current.version, metrics={"before": outcome.before, "after": outcome.after},
+            write=lambda folder: outcome.examples.to_parquet(folder / "eval.parquet", index=False),
+        )
+    except BaseException as e:
+        display.fail(e)
+        raise
+    display.finish(_summary(f"%%rag {name} --eval  (v{current.version})", outcome, {"questions": len(rows)}))
+    return updated
+
+
+def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options):
+    """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
+    spec = PredictSpec.from_options(**options)
+    rows = rows_of(data, namespace, con)
+    model = load(name, version=spec.version, store=store)
+    result = model.predict(rows, **{k: v for k, v in (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k)) if v})
+    if spec.into:
+        check_name(spec.into)
+        target = con if con is not None else _data.default_session().con
+        target.register("__nbcustom_predictions", result)
+        try:
+            target.execute(f'CREATE OR REPLACE TABLE "{spec.into}" AS SELECT * FROM __nbcustom_predictions')
+        finally:
+            target.unregister("__nbcustom_predictions")
+    return result
+
+
+def load(name: str, version: int | None = None, *, store=None, kind: str | None = None):
+    """The model ``name`` (active version or ``version``) ready to use: an LLM generator,
+    an AutoML predictor or a RAG index, each with ``.predict(rows)``."""
+    current = _store(store).get(check_name(name), version)
+    if kind and current.kind != kind:
+        raise NbCustomError(f"{name} is a {current.kind} model, not {kind}")
+    return engine(current.kind).load(current)
+
+
+def _previous(store: Store, name: str, version: int | None) -> Version | None:
+    if version is not None:
+        return store.get(name, version)
+    return store.active(name)
+
+
+def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, ui) -> Version:
+    """Run ``train`` inside a staging build and commit the version; show the summary."""
+    started = _dt.datetime.now()
+    display = make_display(ui or default_ui(), f"%%{magic} {name}")
+    try:
+        with store.build(name, kind) as build:
+            outcome: Outcome = train(spec, rows, previous, build, display)
+            display.phase("saving")
+            _write_outcome(build.path, outcome)
+            build.manifest.update(
+                {
+                    "magic": magic,
+                    "options": spec.to_dict(),
+                    "sql": data if isinstance(data, str) else None,
+                    "data": {"rows": len(rows), "columns": list(map(str, rows.columns)), "sha256": frame_sha256(rows)},
+                    "parent": previous.version if previous else None,
+                    "metrics": {"before": outcome.before, "after": outcome.after},
+                    "counts": {"read": len(rows), **outcome.counts},
+                    "libraries": libraries(kind),
+                    "run": {"id": uuid.uuid4().hex, "magic": magic, "started": started.isoformat(timespec="seconds")},
+                    **outcome.info,
+                }
+            )
+    except BaseException as e:
+        display.fail(e)
+        raise
+    facts = {"version": build.version, **{k: v for k, v in build.manifest["counts"].items()}}
+    display.finish(_summary(f"%%{magic} {name} -> v{build.version}", outcome, facts))
+    return Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
+
+
+def _write_outcome(folder, outcome: Outcome) -> None:
+    if outcome.train_rows is not None:
+        outcome.train_rows.to_parquet(folder / "train.parquet", index=False)
+    if outcome.examples is not None:
+        outcome.examples.to_parquet(folder / "eval.parquet", index=False)
+    for stem, png in outcome.charts.items():
+        (folder / f"{stem}.png").write_bytes(png)
+
+
+def _summary(title: str, outcome: Outcome, facts: dict) -> Summary:
+    charts = dict(outcome.charts)
+    if outcome.before and outcome.after:
+        from .display.charts import before_after_chart
+
+        charts.setdefault("before_after", before_after_chart(outcome.before, outcome.after, before_label=outcome.before_label, after_label=outcome.after_label))
+    tables = dict(outcome.tables)
+    if outcome.examples is not None and "examples" not in tables:
+        tables["examples"] = outcome.examples
+    return Summary(
+        title, outcome.before, outcome.after, outcome.before_label, outcome.after_label,
+        facts=facts, tables=tables, charts=charts, notes=list(outcome.notes),
+    )
+
+
+def frame_sha256(frame) -> str:
+    """A stable content hash of a DataFrame's rows and columns."""
+    import pandas as pd
+
+    digest = hashlib.sha256(",".join(map(str, frame.columns)).encode())
+    digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
+    return digest.hexdigest()
+
+
+def libraries(kind: str) -> dict[str, str]:
+    versions = {}
+    for package in ("nbcustom", "duckdb", "pandas", *LIBRARIES.get(kind, ())):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions

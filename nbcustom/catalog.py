@@ -1,0 +1,115 @@
+"""Store commands shared by ``%nbc`` and the ``nbcustom`` console command."""
+
+from __future__ import annotations
+
+import shlex
+
+from .display.render import Summary
+from .errors import NbCustomError
+from .store import Store, parse_ref, parse_version
+
+USAGE = (
+    "use: list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | "
+    "compare NAME V1 V2 | runs [NAME]"
+)
+
+
+def command(store: Store, line: str):
+    """Run one store command; returns a DataFrame, a ``Summary`` or a message."""
+    words = shlex.split(line)
+    if not words:
+        raise NbCustomError(f"%nbc needs a command: {USAGE}")
+    verb, args = words[0], words[1:]
+    handler = _COMMANDS.get(verb)
+    if handler is None:
+        raise NbCustomError(f"unknown %nbc command {verb!r}: {USAGE}")
+    arity = handler.__code__.co_argcount - 1
+    optional = len(handler.__defaults__ or ())
+    if not arity - optional <= len(args) <= arity:
+        raise NbCustomError(f"%nbc {verb}: wrong number of arguments; {USAGE}")
+    return handler(store, *args)
+
+
+def list_models(store: Store):
+    import pandas as pd
+
+    return pd.DataFrame(store.models(), columns=["name", "kind", "active", "versions", "updated"])
+
+
+def versions(store: Store, name: str):
+    import pandas as pd
+
+    rows = store.versions(name)
+    if not rows:
+        raise NbCustomError(f"unknown model {name!r}: see %nbc list")
+    for row in rows:
+        metrics = row.pop("metrics") or {}
+        for key, value in (metrics.get("after") or {}).items():
+            if isinstance(value, (int, float)):
+                row[key] = value
+    return pd.DataFrame(rows)
+
+
+def show(store: Store, ref: str) -> Summary:
+    name, version = parse_ref(ref)
+    v = store.get(name, version)
+    m = v.manifest
+    facts = {
+        "kind": m.get("kind"),
+        "version": v.version,
+        "active": v.version == store.active_version(name),
+        "created": m.get("created"),
+        **{k: m[k] for k in ("task", "base", "parent") if m.get(k) is not None},
+        **m.get("counts", {}),
+    }
+    metrics = m.get("metrics", {})
+    notes = [f"SQL: {m['sql'].strip()}"] if m.get("sql") else []
+    notes.append("files: " + ", ".join(sorted(m.get("files", {}))))
+    charts = {p.stem: p.read_bytes() for p in sorted(v.path.glob("*.png"))}
+    return Summary(f"{name}@{v.version}", metrics.get("before", {}), metrics.get("after", {}), facts=facts, notes=notes, charts=charts)
+
+
+def activate(store: Store, name: str, version: str) -> str:
+    store.activate(parse_ref(name)[0], parse_version(version))
+    return f"{name}: version {parse_version(version)} is active"
+
+
+def remove(store: Store, ref: str) -> str:
+    name, version = parse_ref(ref)
+    store.remove(name, version)
+    return f"removed {ref}"
+
+
+def compare(store: Store, name: str, v1: str, v2: str):
+    """Metrics of two versions side by side (each version's own 'after' metrics)."""
+    import pandas as pd
+
+    a, b = store.get(name, parse_version(v1), verify=False), store.get(name, parse_version(v2), verify=False)
+    ma, mb = a.manifest.get("metrics", {}).get("after", {}), b.manifest.get("metrics", {}).get("after", {})
+    rows = []
+    for key in dict.fromkeys([*ma, *mb]):
+        x, y = ma.get(key), mb.get(key)
+        delta = y - x if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (x, y)) else None
+        rows.append({"metric": key, f"v{a.version}": x, f"v{b.version}": y, "delta": delta})
+    for key in ("read", "trained", "held_out"):
+        ca, cb = a.manifest.get("counts", {}).get(key), b.manifest.get("counts", {}).get(key)
+        if ca is not None or cb is not None:
+            rows.append({"metric": f"rows {key}", f"v{a.version}": ca, f"v{b.version}": cb, "delta": None})
+    return pd.DataFrame(rows, columns=["metric", f"v{a.version}", f"v{b.version}", "delta"])
+
+
+def runs(store: Store, name: str | None = None):
+    import pandas as pd
+
+    return pd.DataFrame(store.runs(name))
+
+
+_COMMANDS = {
+    "list": list_models,
+    "show": show,
+    "versions": versions,
+    "activate": activate,
+    "rm": remove,
+    "compare": compare,
+    "runs": runs,
+}

@@ -1,0 +1,63 @@
+"""The ``nbcustom`` console command: store commands and batch predictions."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import api, catalog
+from .display import Summary
+from .display.render import summary_text
+from .errors import NbCustomError
+from .store import Store
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nbcustom", description="nbcustom's model store from the command line")
+    p.add_argument("--store", default=api.default_store(), help="store folder (default $NBCUSTOM_STORE or ./nbcustom_store)")
+    sub = p.add_subparsers(dest="command", required=True)
+    for verb in ("list", "show", "versions", "activate", "rm", "compare", "runs"):
+        sp = sub.add_parser(verb, help=f"%nbc {verb}")
+        sp.add_argument("args", nargs="*")
+    sp = sub.add_parser("predict", help="predict with NAME on the rows of a SQL query")
+    sp.add_argument("name")
+    sp.add_argument("sql", help="a DuckDB query (read_csv('x.csv') works)")
+    sp.add_argument("--database", default=":memory:", help="DuckDB database file to query")
+    sp.add_argument("--version", type=int)
+    sp.add_argument("--into", help="also write the result to this table of --database")
+    sp.add_argument("--output", help="write the result to this .csv or .parquet file")
+    args = p.parse_args(argv)
+    store = Store(args.store)
+    try:
+        if args.command == "predict":
+            return _predict(args, store)
+        result = catalog.command(store, " ".join([args.command, *args.args]))
+    except NbCustomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(result, Summary):
+        print(summary_text(result))
+    elif isinstance(result, str):
+        print(result)
+    else:
+        print(result.to_string(index=False) if len(result) else "(none)")
+    return 0
+
+
+def _predict(args, store: Store) -> int:
+    import duckdb
+
+    con = duckdb.connect(args.database)
+    try:
+        result = api.predict(args.name, args.sql, con=con, store=store, version=args.version, into=args.into)
+    finally:
+        con.close()
+    if args.output:
+        (result.to_parquet if args.output.endswith(".parquet") else result.to_csv)(args.output, index=False)
+    else:
+        print(result.to_string(index=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

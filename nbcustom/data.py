@@ -1,0 +1,161 @@
+"""The DuckDB session: the kernel's connection, notebook tables, ``{{var}}`` and SQL -> Arrow."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import re
+from typing import Any, Mapping
+
+from .errors import NbCustomError
+
+_VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_FRAME_TYPES = {
+    ("pandas", "DataFrame"),
+    ("polars", "DataFrame"),
+    ("polars", "LazyFrame"),
+    ("pyarrow", "Table"),
+    ("pyarrow", "RecordBatchReader"),
+    ("pyarrow", "Dataset"),
+}
+
+
+def sql_literal(value: Any) -> str:
+    """``value`` written as a DuckDB SQL literal (strings quoted, quotes doubled)."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, bool):
+        return "TRUE" if value else "FALSE"
+    if isinstance(value, (int, float, decimal.Decimal)):
+        if isinstance(value, float) and value != value:
+            return "'NaN'::DOUBLE"
+        return repr(value) if not isinstance(value, decimal.Decimal) else str(value)
+    if isinstance(value, _dt.datetime):
+        return f"TIMESTAMP '{value.isoformat(sep=' ')}'"
+    if isinstance(value, _dt.date):
+        return f"DATE '{value.isoformat()}'"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "[" + ", ".join(sql_literal(v) for v in value) + "]"
+    if hasattr(value, "item") and callable(value.item):  # numpy / pandas scalars
+        return sql_literal(value.item())
+    if hasattr(value, "to_pydatetime"):  # pandas.Timestamp
+        return sql_literal(value.to_pydatetime())
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def render(sql: str, namespace: Mapping[str, Any]) -> str:
+    """Replace each ``{{name}}`` with the notebook value ``name`` as a quoted literal."""
+
+    def literal(match: re.Match) -> str:
+        name = match.group(1)
+        if name not in namespace:
+            raise NbCustomError(f"{{{{{name}}}}} in the SQL names no notebook variable: define {name} first")
+        return sql_literal(namespace[name])
+
+    return _VAR.sub(literal, sql)
+
+
+def is_frame(value: Any) -> bool:
+    """True for a pandas/polars DataFrame or a pyarrow Table/reader/dataset."""
+    cls = type(value)
+    return (cls.__module__.split(".")[0], cls.__name__) in _FRAME_TYPES
+
+
+def frames_in(sql: str, namespace: Mapping[str, Any]) -> dict[str, Any]:
+    """The notebook tables the SQL mentions by name."""
+    words = {w.lower() for w in _WORD.findall(sql)}
+    return {k: v for k, v in namespace.items() if k.lower() in words and not k.startswith("_") and is_frame(v)}
+
+
+class Session:
+    """The kernel's DuckDB connection: ``duckdb``'s default in-memory one, or a database file."""
+
+    def __init__(self, database: str = ":memory:"):
+        self.database = database or ":memory:"
+        self._con = None
+
+    @property
+    def con(self):
+        if self._con is None:
+            import duckdb
+
+            if self.database == ":memory:":
+                # The module's default connection, so `duckdb.sql("CREATE TABLE ...")` in the
+                # notebook and the magics see the same tables.
+                self._con = duckdb.default_connection()
+            else:
+                try:
+                    self._con = duckdb.connect(self.database)
+                except duckdb.Error as e:
+                    raise NbCustomError(f"cannot open DuckDB database {self.database!r}: {_first_line(e)}") from None
+        return self._con
+
+    def use(self, database: str) -> None:
+        """Switch to another database (``%config NbCustom.database``)."""
+        database = database or ":memory:"
+        if database != self.database:
+            if self._con is not None and self.database != ":memory:":
+                self._con.close()
+            self.database, self._con = database, None
+
+    def query(self, sql: str, namespace: Mapping[str, Any] | None = None, con=None, params: Mapping[str, Any] | None = None):
+        """Run one query and return its rows as a ``pyarrow.Table``."""
+        return query(con if con is not None else self.con, sql, namespace, params)
+
+
+def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None):
+    """Run ``sql`` on ``con`` with notebook tables registered; rows as a ``pyarrow.Table``."""
+    import duckdb
+
+    namespace = dict(namespace or {})
+    values = {**namespace, **(params or {})}
+    text = render(sql, values).strip().rstrip(";").strip()
+    if not text:
+        raise NbCustomError("the cell has no SQL: write a query such as SELECT * FROM my_table")
+    existing = {r[0].lower() for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
+    registered = [name for name, frame in frames_in(text, namespace).items() if name.lower() not in existing]
+    try:
+        for name in registered:
+            con.register(name, namespace[name])
+        relation = con.sql(text)
+        if relation is None:
+            raise NbCustomError("the SQL returned no rows to use: write a SELECT query")
+        return relation.to_arrow_table()
+    except duckdb.Error as e:
+        raise NbCustomError(f"SQL error: {_first_line(e)}") from None
+    finally:
+        for name in registered:
+            try:
+                con.unregister(name)
+            except duckdb.Error:
+                pass
+
+
+def to_pandas(data, session: Session | None = None, namespace=None, con=None, params=None):
+    """SQL text or a table-like value -> ``pandas.DataFrame`` (Arrow-backed conversion)."""
+    if isinstance(data, str):
+        session = session or default_session()
+        data = session.query(data, namespace, con=con, params=params)
+    if hasattr(data, "to_pandas"):  # pyarrow / polars
+        return data.to_pandas()
+    import pandas as pd
+
+    if isinstance(data, pd.DataFrame):
+        return data.reset_index(drop=True)
+    raise NbCustomError(f"data must be SQL text or a DataFrame, not {type(data).__name__}")
+
+
+_DEFAULT: Session | None = None
+
+
+def default_session() -> Session:
+    """The session the Python API uses when no magic set one up."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = Session()
+    return _DEFAULT
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -1,0 +1,77 @@
+"""Matplotlib charts rendered straight to PNG bytes (no pyplot, no GUI backend)."""
+
+from __future__ import annotations
+
+import io
+from typing import Mapping, Sequence
+
+
+def _figure(width=6.0, height=3.2):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), dpi=100, layout="tight")
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequence[float] = (), eval_losses: Sequence[float] = ()) -> bytes:
+    """Training loss per step, with eval loss points."""
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, label="train loss", linewidth=1.2)
+    if eval_steps:
+        ax.plot(eval_steps, eval_losses, "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def before_after_chart(before: Mapping[str, float], after: Mapping[str, float], title: str = "before / after", before_label="before", after_label="after") -> bytes:
+    """Grouped bars of the metrics both sides share."""
+    names = [k for k in after if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))]
+    fig = _figure(max(4.0, 1.1 * len(names) + 2))
+    ax = fig.add_subplot()
+    xs = range(len(names))
+    ax.bar([x - 0.2 for x in xs], [before[k] for k in names], width=0.4, label=before_label, color="#9aa4ad")
+    ax.bar([x + 0.2 for x in xs], [after[k] for k in names], width=0.4, label=after_label, color="#2f81f7")
+    ax.set_xticks(list(xs), names, rotation=20, ha="right")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    return _png(fig)
+
+
+def bar_chart(values: Mapping[str, float], title: str, xlabel: str = "") -> bytes:
+    """Horizontal bars, largest on top (feature importance, leaderboard scores)."""
+    items = sorted(values.items(), key=lambda kv: kv[1])[-15:]
+    fig = _figure(6, max(2.0, 0.3 * len(items) + 1))
+    ax = fig.add_subplot()
+    ax.barh([k for k, _ in items], [v for _, v in items], color="#2f81f7")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.grid(axis="x", alpha=0.3)
+    return _png(fig)
+
+
+def forecast_chart(history_x, history_y, actual_x, actual_y, series: Mapping[str, tuple], title: str = "forecast vs actual", band=None) -> bytes:
+    """History, actual holdout values and one or more forecasts (label -> (x, y))."""
+    fig = _figure(7, 3.4)
+    ax = fig.add_subplot()
+    ax.plot(history_x, history_y, color="#57606a", linewidth=1, label="history")
+    ax.plot(actual_x, actual_y, color="black", linewidth=1.5, label="actual")
+    for (label, (x, y)), colour in zip(series.items(), ["#9aa4ad", "#2f81f7", "#bf3989"]):
+        ax.plot(x, y, "--", color=colour, linewidth=1.5, label=label)
+    if band is not None:
+        x, low, high = band
+        ax.fill_between(x, low, high, color="#2f81f7", alpha=0.15, label="p10-p90")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.autofmt_xdate()
+    return _png(fig)

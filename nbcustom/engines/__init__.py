@@ -1,0 +1,35 @@
+"""Engines train, evaluate and load models. They know nothing of IPython; heavy libraries
+are imported inside their functions.
+
+Every training engine returns an ``Outcome``; ``nbcustom.api`` writes it into the version.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+
+KINDS = {"llm": "llm", "automl": "automl", "rag": "rag"}
+
+
+@dataclass
+class Outcome:
+    """What a training run produced, besides the model files it wrote into ``build.model_dir``."""
+
+    before: dict = field(default_factory=dict)  # metrics of the previous version / base model
+    after: dict = field(default_factory=dict)  # metrics of the new version, same holdout
+    counts: dict = field(default_factory=dict)  # read, trained, held_out, ...
+    train_rows: Any = None  # DataFrame saved as train.parquet
+    examples: Any = None  # DataFrame saved as eval.parquet (per-example before/after)
+    charts: dict = field(default_factory=dict)  # file stem -> PNG bytes, saved as STEM.png
+    tables: dict = field(default_factory=dict)  # title -> DataFrame, shown in the summary
+    info: dict = field(default_factory=dict)  # extra manifest fields (base, reused, ...)
+    notes: list = field(default_factory=list)  # lines for the summary
+    before_label: str = "before"
+    after_label: str = "after"
+
+
+def engine(kind: str):
+    """The engine module for a model kind."""
+    return importlib.import_module(f"nbcustom.engines.{KINDS[kind]}")

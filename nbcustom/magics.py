@@ -1,0 +1,122 @@
+"""``NbCustom``: the cell magics and ``%nbc``. Each magic parses its flags and calls ``api``."""
+
+from __future__ import annotations
+
+import os
+
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.display import display
+from traitlets import Enum, Unicode, observe
+
+from . import api, data, flags, store as _store
+from .display import Summary, summary_bundle
+from .errors import NbCustomError
+from .specs import FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
+
+_PARSERS = {
+    "finetune": flags.parser("finetune", FinetuneSpec),
+    "retrain": flags.parser("retrain", RetrainSpec),
+    "rag": flags.parser(
+        "rag", RagSpec,
+        switches=[("ask", "answer each line of the body"), ("eval", "evaluate on question/answer rows")],
+    ),
+    "predict": flags.parser("predict", PredictSpec),
+}
+
+
+@magics_class
+class NbCustom(Magics):
+    """Customize AI models on the notebook's DuckDB tables: ``%%finetune``, ``%%retrain``,
+    ``%%rag``, ``%%predict`` and ``%nbc``."""
+
+    store = Unicode(os.environ.get("NBCUSTOM_STORE", "nbcustom_store"), help="artifact store folder").tag(config=True)
+    database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
+    ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
+
+    def __init__(self, shell=None, **kwargs):
+        super().__init__(shell=shell, **kwargs)
+        self.session = data.default_session()
+        self.session.use(self.database)
+
+    @observe("database")
+    def _database_changed(self, change) -> None:
+        self.session.use(change["new"])
+
+    # --- helpers -----------------------------------------------------------------------
+    def _args(self, magic: str, line: str) -> dict:
+        return flags.parse(_PARSERS[magic], line)
+
+    def _context(self, args: dict) -> dict:
+        """Keyword arguments every api call takes: namespace, connection, store, ui."""
+        namespace = self.shell.user_ns
+        con = args.pop("con", None)
+        if con is not None:
+            if con not in namespace:
+                raise NbCustomError(f"--con {con}: no such variable in the notebook; pass the name of a duckdb connection")
+            con = namespace[con]
+        else:
+            con = self.session.con
+        return {"namespace": namespace, "con": con, "store": self.store, "ui": self.ui}
+
+    # --- magics --------------------------------------------------------------------------
+    @cell_magic
+    def finetune(self, line: str, cell: str):
+        """%%finetune NAME [--base MODEL] [--epochs N] ... + SQL: LoRA fine-tune an LLM, or
+        update an AutoML model on new rows."""
+        args = self._args("finetune", line)
+        name = args.pop("name")
+        api.finetune(name, cell, **self._context(args), **args)
+
+    @cell_magic
+    def retrain(self, line: str, cell: str):
+        """%%retrain NAME --target COL [--timestamp COL ...] + SQL: train an AutoGluon model
+        again from scratch on the previous rows plus these."""
+        args = self._args("retrain", line)
+        name = args.pop("name")
+        api.retrain(name, cell, **self._context(args), **args)
+
+    @cell_magic
+    def rag(self, line: str, cell: str):
+        """%%rag NAME [--text COL] [--id COL] ... + SQL: build or refresh an index.
+        %%rag NAME --ask + questions; %%rag NAME --eval + SQL with question, answer."""
+        args = self._args("rag", line)
+        name = args.pop("name")
+        if args.pop("ask", False):
+            from .display.answers import show_answers
+
+            answers = api.ask(name, cell.splitlines(), top_k=args.get("top_k"), store=self.store)
+            show_answers(answers)
+            return None
+        if args.pop("eval", False):
+            context = self._context(args)
+            api.evaluate(name, cell, **context, top_k=args.get("top_k"))
+            return None
+        api.rag(name, cell, **self._context(args), **args)
+
+    @cell_magic
+    def predict(self, line: str, cell: str):
+        """%%predict NAME [--version V] [--into TABLE] + SQL: the rows with predictions."""
+        args = self._args("predict", line)
+        name = args.pop("name")
+        return api.predict(name, cell, **self._context(args), **args)
+
+    @line_magic
+    def nbc(self, line: str):
+        """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
+        compare NAME V1 V2 | runs [NAME]"""
+        from . import catalog
+
+        result = catalog.command(_store.Store(self.store), line)
+        if isinstance(result, str):
+            print(result)
+        elif isinstance(result, Summary):
+            display(summary_bundle(result), raw=True)
+        else:
+            return result
+
+
+def load_ipython_extension(shell) -> None:
+    magics = NbCustom(shell=shell)
+    shell.register_magics(magics)
+    if magics not in shell.configurables:
+        shell.configurables.append(magics)

@@ -1,0 +1,155 @@
+"""One options dataclass per magic: built once from flags or keywords, validated once, and
+stored in the manifest as it is. The magics' flags are generated from these fields."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import NbCustomError
+
+
+def option(default: Any, help: str, *, type: Any = None, flag: str | None = None, choices=None):
+    """A spec field with the metadata the flag parser needs."""
+    return field(default=default, metadata={"help": help, "type": type, "flag": flag, "choices": choices})
+
+
+class Spec:
+    """Shared behaviour of the spec dataclasses."""
+
+    @classmethod
+    def from_options(cls, **options):
+        """Build from keyword options; an unknown one is a one-line error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise NbCustomError(
+                f"unknown option {unknown[0]!r}; valid options: {', '.join(sorted(n.replace('_', '-') for n in names))}"
+            )
+        spec = cls(**{k: v for k, v in options.items() if v is not None or _nullable(cls, k)})
+        spec.validate()
+        return spec
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise NbCustomError(f"--{flag_of(f)} must be one of {', '.join(choices)}, not {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def _positive(self, *names: str) -> None:
+        for name in names:
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise NbCustomError(f"--{name.replace('_', '-')} must be positive, not {value}")
+
+    def _fraction(self, name: str) -> None:
+        value = getattr(self, name)
+        if not 0 < value < 1:
+            raise NbCustomError(f"--{name.replace('_', '-')} must be between 0 and 1, not {value}")
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or f.name.replace("_", "-")
+
+
+def _nullable(cls, name: str) -> bool:
+    return next(f for f in dataclasses.fields(cls) if f.name == name).default is None
+
+
+@dataclass
+class FinetuneSpec(Spec):
+    """``%%finetune``: LoRA for LLMs, or a no-search update for AutoML models."""
+
+    base: str | None = option(None, "base model: alias, local path or Hugging Face id (default smollm2-135m-instruct)")
+    prompt: str = option("prompt", "column with the prompts")
+    response: str = option("response", "column with the responses to learn")
+    system: str | None = option(None, "system message for every example (or a `system` column)")
+    epochs: float = option(3.0, "training epochs", type=float)
+    max_steps: int | None = option(None, "stop after this many optimizer steps", type=int)
+    lr: float = option(2e-4, "learning rate", type=float)
+    batch_size: int | None = option(None, "examples per step (default: chosen from the data)", type=int)
+    max_length: int = option(512, "longest example in tokens; longer ones are dropped", type=int)
+    lora_r: int = option(16, "LoRA rank", type=int)
+    lora_alpha: int = option(32, "LoRA alpha", type=int)
+    eval_frac: float = option(0.1, "fraction of rows held out for before/after", type=float)
+    seed: int = option(0, "seed for the split and training", type=int)
+    device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    from_version: int | None = option(None, "continue from this version instead of the active one", type=int, flag="from")
+    resume: bool = option(False, "resume an interrupted run from its last checkpoint", type=bool)
+    max_new_tokens: int = option(64, "longest generation when evaluating", type=int)
+    time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
+
+    def validate(self) -> None:
+        super().validate()
+        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit")
+        self._fraction("eval_frac")
+
+
+@dataclass
+class RetrainSpec(Spec):
+    """``%%retrain``: AutoGluon from scratch on the previous rows plus the new ones."""
+
+    target: str | None = option(None, "column to predict (required)")
+    timestamp: str | None = option(None, "time column: makes it a time-series model")
+    item_id: str | None = option(None, "series id column (time series; default one series)")
+    horizon: int | None = option(None, "steps to forecast (time series; default 7)", type=int)
+    key: str | None = option(None, "a new row replaces the old row with the same key")
+    time_limit: int = option(60, "seconds for AutoGluon's fit", type=int)
+    presets: str = option("medium_quality", "AutoGluon presets")
+    eval_frac: float = option(0.2, "fraction of rows in the holdout (tabular)", type=float)
+    metric: str | None = option(None, "AutoGluon eval metric (default: AutoGluon's choice)")
+    seed: int = option(0, "seed", type=int)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.target:
+            raise NbCustomError("--target COL is required: name the column to predict")
+        self._positive("horizon", "time_limit")
+        self._fraction("eval_frac")
+        if (self.item_id or self.horizon) and not self.timestamp:
+            raise NbCustomError("--item-id and --horizon need --timestamp COL (time series)")
+
+
+@dataclass
+class RagSpec(Spec):
+    """``%%rag``: build or refresh a retrieval index over rows."""
+
+    text: str | None = option(None, "text column(s), comma-separated (default: all text columns)")
+    id: str = option("id", "row id column")
+    metadata: str | None = option(None, "metadata columns, comma-separated")
+    chunk_size: int = option(512, "chunk size in tokens", type=int)
+    chunk_overlap: int = option(64, "chunk overlap in tokens", type=int)
+    top_k: int = option(4, "chunks retrieved per question", type=int)
+    embed: str | None = option(None, "embedding model (default all-minilm-l6-v2)")
+    llm: str | None = option(None, "answering model (default smollm2-135m-instruct)")
+    append: bool = option(False, "keep rows missing from the query", type=bool)
+    max_new_tokens: int = option(96, "longest answer in tokens", type=int)
+
+    def validate(self) -> None:
+        super().validate()
+        self._positive("chunk_size", "top_k", "max_new_tokens")
+        if not 0 <= self.chunk_overlap < self.chunk_size:
+            raise NbCustomError("--chunk-overlap must be at least 0 and smaller than --chunk-size")
+
+    def columns(self, name: str) -> list[str]:
+        value = getattr(self, name)
+        return [c.strip() for c in value.split(",") if c.strip()] if value else []
+
+
+@dataclass
+class PredictSpec(Spec):
+    """``%%predict``: the model's output appended to the query's rows."""
+
+    version: int | None = option(None, "version to use (default: the active one)", type=int)
+    into: str | None = option(None, "also write the result to this DuckDB table")
+    max_new_tokens: int | None = option(None, "LLM/RAG: longest generation", type=int)
+    top_k: int | None = option(None, "RAG: chunks retrieved per question", type=int)
+
+    def validate(self) -> None:
+        super().validate()
+        self._positive("version", "max_new_tokens", "top_k")
