@@ -1,0 +1,68 @@
+"""Shared fixtures: an in-process IPython shell with the extension, a fresh store per test."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from IPython.core.interactiveshell import InteractiveShell
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class TestingShell(InteractiveShell):
+    """An IPython shell whose ``run_cell`` raises the cell's error, as jupysql's tests do."""
+
+    def run_cell(self, raw_cell, *args, **kwargs):
+        result = super().run_cell(raw_cell, *args, **kwargs)
+        result.raise_error()
+        return result
+
+
+@pytest.fixture(scope="session")
+def shell():
+    ip = TestingShell.instance()
+    ip.run_line_magic("load_ext", "nbcustom")
+    return ip
+
+
+@pytest.fixture
+def store_dir(tmp_path) -> Path:
+    return tmp_path / "store"
+
+
+@pytest.fixture
+def ip(shell, store_dir, monkeypatch):
+    """The shell with this test's store and plain-text progress; namespace cleaned after."""
+    monkeypatch.chdir(store_dir.parent)
+    shell.run_line_magic("config", f"NbCustom.store = {str(store_dir)!r}")
+    shell.run_line_magic("config", "NbCustom.ui = 'text'")
+    shell.run_line_magic("config", "NbCustom.database = ':memory:'")
+    before = set(shell.user_ns)
+    yield shell
+    for name in set(shell.user_ns) - before:
+        shell.user_ns.pop(name, None)
+
+
+def snapshot(root: Path) -> dict:
+    """Every file's sha256 (the catalog by its rows): equal snapshots = an unchanged store."""
+    if not root.exists():
+        return {}
+    state = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_dir() or rel in (".lock", "catalog.duckdb") or rel.endswith(".wal"):
+            continue
+        state[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    if (root / "catalog.duckdb").exists():
+        import duckdb
+
+        con = duckdb.connect(str(root / "catalog.duckdb"), read_only=True)
+        for table in ("models", "versions", "runs"):
+            state[f"catalog:{table}"] = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
+        con.close()
+    return state
