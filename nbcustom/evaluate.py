@@ -1,0 +1,92 @@
+"""Text metrics for generated answers: pure Python, on normalized text.
+
+``normalize`` follows the SQuAD convention (lower case, no punctuation, no articles, single
+spaces) so "The Red Mug." and "red mug" count as the same answer.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from typing import Iterable, Sequence
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = str.maketrans({c: " " for c in string.punctuation})
+
+
+def normalize(text: str | None) -> str:
+    """Lower case, punctuation and articles removed, whitespace collapsed."""
+    text = (text or "").lower().translate(_PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def tokens(text: str | None) -> list[str]:
+    """The normalized words of ``text``."""
+    return normalize(text).split()
+
+
+def exact_match(pred: str | None, ref: str | None) -> float:
+    """1.0 if the normalized texts are equal, else 0.0."""
+    return float(normalize(pred) == normalize(ref))
+
+
+def token_f1(pred: str | None, ref: str | None) -> float:
+    """F1 of the overlapping normalized words (SQuAD answer F1). Two empty texts score 1."""
+    p, r = tokens(pred), tokens(ref)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def contains(pred: str | None, ref: str | None) -> float:
+    """1.0 if the normalized reference occurs in the normalized prediction."""
+    r = normalize(ref)
+    return float(bool(r) and f" {r} " in f" {normalize(pred)} ")
+
+
+def rouge_l(pred: str | None, ref: str | None) -> float:
+    """ROUGE-L F1: the longest common subsequence of normalized words."""
+    p, r = tokens(pred), tokens(ref)
+    if not p or not r:
+        return float(p == r)
+    lcs = _lcs(p, r)
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(p), lcs / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0
+        for j, y in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def mean(values: Iterable[float]) -> float:
+    """The mean, 0.0 for no values."""
+    values = list(values)
+    return sum(values) / len(values) if values else 0.0
+
+
+def generation_scores(predictions: Sequence[str], references: Sequence[str]) -> dict[str, float]:
+    """Mean ``exact_match``, ``token_f1`` and ``rouge_l`` over paired texts."""
+    pairs = list(zip(predictions, references))
+    return {
+        "exact_match": mean(exact_match(p, r) for p, r in pairs),
+        "token_f1": mean(token_f1(p, r) for p, r in pairs),
+        "rouge_l": mean(rouge_l(p, r) for p, r in pairs),
+    }
+
+
+def perplexity(loss: float) -> float:
+    """exp(mean token cross-entropy), capped so a diverged model still prints."""
+    return math.exp(min(loss, 50.0))

@@ -1,0 +1,55 @@
+import math
+
+import pytest
+
+from nbcustom.evaluate import contains, exact_match, generation_scores, normalize, perplexity, rouge_l, token_f1
+
+
+def test_normalize_drops_case_punctuation_articles_and_spaces():
+    assert normalize("  The Red-Mug, an  item! ") == "red mug item"
+    assert normalize(None) == ""
+
+
+def test_exact_match_compares_normalized_text():
+    assert exact_match("The red mug.", "red mug") == 1.0
+    assert exact_match("red mugs", "red mug") == 0.0
+    assert exact_match("", "") == 1.0
+
+
+def test_token_f1_counts_overlapping_words():
+    assert token_f1("red mug", "red mug") == 1.0
+    assert token_f1("blue cup", "red mug") == 0.0
+    # precision 1/2, recall 1/1 -> 2/3
+    assert token_f1("red mug", "mug") == pytest.approx(2 / 3)
+    # repeated words count once per occurrence in both
+    assert token_f1("mug mug", "mug") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0
+    assert token_f1("x", "") == 0.0
+
+
+def test_rouge_l_uses_longest_common_subsequence():
+    assert rouge_l("a b c d", "a b c d") == 1.0
+    # lcs("x y z w", "x z w q") = x z w = 3 -> p = r = 3/4
+    assert rouge_l("x y z w", "x z w q") == pytest.approx(0.75)
+    # order matters, unlike token_f1
+    assert rouge_l("w z y x", "x y z w") == pytest.approx(0.25)
+    assert token_f1("w z y x", "x y z w") == 1.0
+    assert rouge_l("", "x") == 0.0
+
+
+def test_contains_matches_whole_words():
+    assert contains("It costs 12 dollars.", "12 dollars") == 1.0
+    assert contains("It costs 125 dollars.", "12 dollars") == 0.0
+    assert contains("anything", "") == 0.0
+
+
+def test_generation_scores_are_means():
+    scores = generation_scores(["red mug", "blue cup"], ["red mug", "red mug"])
+    assert scores == {"exact_match": 0.5, "token_f1": 0.5, "rouge_l": 0.5}
+    assert generation_scores([], []) == {"exact_match": 0.0, "token_f1": 0.0, "rouge_l": 0.0}
+
+
+def test_perplexity_is_exp_of_loss():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(2.0) == pytest.approx(math.e**2)
+    assert math.isfinite(perplexity(1e6))
