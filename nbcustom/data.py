@@ -116,12 +116,12 @@ def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Map
     existing = {r[0].lower() for r in con.execute("SELECT table_name FROM information_schema.tables").fetchall()}
     registered = [name for name, frame in frames_in(text, namespace).items() if name.lower() not in existing]
     try:
+        statements = con.extract_statements(text)
+        if len(statements) != 1 or statements[0].type.name not in ("SELECT", "MULTI"):
+            raise NbCustomError("the cell body must be one SELECT query (no CREATE/INSERT, no second statement)")
         for name in registered:
             con.register(name, namespace[name])
-        relation = con.sql(text)
-        if relation is None:
-            raise NbCustomError("the SQL returned no rows to use: write a SELECT query")
-        return relation.to_arrow_table()
+        return con.sql(text).to_arrow_table()
     except duckdb.Error as e:
         raise NbCustomError(f"SQL error: {_first_line(e)}") from None
     finally:

@@ -90,7 +90,7 @@ def metrics_text(before, after, before_label="before", after_label="after") -> s
     rows = metric_rows(before, after)
     if not rows:
         return ""
-    width = max(len(r[0]) for r in rows)
+    width = max(len("metric"), *(len(r[0]) for r in rows))
     lines = [f"{'metric':<{width}}  {before_label:>10}  {after_label:>10}  {'delta':>10}"]
     for name, b, a, d in rows:
         delta = "" if d is None else ("+" if d > 0 else "") + fmt(d)

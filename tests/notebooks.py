@@ -1,0 +1,33 @@
+"""Run notebooks the way users' batch runs do: a real kernel through nbclient."""
+
+from __future__ import annotations
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+
+def run_notebook(cells: list[str], store, ui: str = "static", timeout: int = 900, cwd=None) -> nbformat.NotebookNode:
+    """Execute code cells in a fresh python3 kernel; a cell starting with a '# raises' line
+    (removed before it runs) may fail."""
+    nb = nbformat.v4.new_notebook()
+    for source in cells:
+        raises = source.startswith("# raises\n")
+        cell = nbformat.v4.new_code_cell(source.removeprefix("# raises\n"))
+        if raises:
+            cell.metadata["tags"] = ["raises-exception"]
+        nb.cells.append(cell)
+    env = {**os.environ, "NBCUSTOM_STORE": str(store), "NBCUSTOM_UI": ui, "HF_HUB_OFFLINE": "1"}
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd or store.parent)}})
+    client.km = client.kernel_manager_class(kernel_name="python3", env=env)  # the kernel sees env
+    client.execute(env=env)
+    return nb
+
+
+def outputs_of(nb, index: int) -> list:
+    return nb.cells[index].outputs
+
+
+def mime_types(outputs) -> set[str]:
+    return {mime for out in outputs for mime in out.get("data", {})}

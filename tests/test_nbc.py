@@ -1,0 +1,42 @@
+"""%nbc and the nbcustom console command over the same store."""
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+
+from nbcustom.store import Store
+from test_store import save
+
+
+def test_nbc_commands_in_the_shell(ip, store_dir, capsys):
+    store = Store(store_dir)
+    save(store, metrics={"before": {"acc": 0.5}, "after": {"acc": 0.7}})
+    save(store, metrics={"before": {"acc": 0.7}, "after": {"acc": 0.8}})
+    listing = ip.run_line_magic("nbc", "list")
+    assert isinstance(listing, pd.DataFrame) and listing.to_dict("records")[0]["versions"] == 2
+    versions = ip.run_line_magic("nbc", "versions m")
+    assert list(versions["version"]) == [1, 2] and list(versions["active"]) == [False, True]
+    assert list(versions["acc"]) == [0.7, 0.8]
+    ip.run_line_magic("nbc", "activate m 1")
+    assert "version 1 is active" in capsys.readouterr().out
+    assert store.active_version("m") == 1
+    compare = ip.run_line_magic("nbc", "compare m 1 2")
+    assert compare.set_index("metric").loc["acc", "delta"] == 0.8 - 0.7
+    ip.run_line_magic("nbc", "rm m@2")
+    assert [r["version"] for r in store.versions("m")] == [1]
+
+
+def test_cli_list_show_versions(store_dir):
+    save(Store(store_dir))
+    env = {**os.environ, "NBCUSTOM_STORE": str(store_dir)}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "nbcustom.cli", *args], capture_output=True, text=True, env=env)
+    out = run("list")
+    assert out.returncode == 0 and "automl" in out.stdout
+    out = run("show", "m@1")
+    assert out.returncode == 0 and out.stdout.startswith("m@1") and "acc" in out.stdout
+    out = run("versions", "m")
+    assert out.returncode == 0 and "ready" in out.stdout
+    out = run("show", "m@7")
+    assert out.returncode == 2 and out.stderr.strip() == "error: m has no version 7 (versions: 1); see %nbc versions m"
