@@ -132,6 +132,8 @@ def _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, k
     }
     if reused:
         info["reused"] = reused
+    if baseline:
+        info["baseline"] = baseline
     return Outcome(
         before=rounded(before), after=rounded(after), counts=counts, train_rows=data, examples=examples,
         charts=charts, tables={"leaderboard": leaderboard[columns]}, info=info, notes=notes,
@@ -265,6 +267,10 @@ def _best_model(predictor) -> dict:
     type_name = info.get("bagged_info", {}).get("child_model_type") or info["model_type"]
     cls = next(c for c in ag_model_registry.model_cls_list if c.__name__ == type_name)
     hyperparameters = predictor.model_hyperparameters(name, include_ag_args_ensemble=False, output_format="all")
+    # what fitting settled on (e.g. LightGBM's boosting rounds after early stopping), so the
+    # update trains that much and no more
+    fitted = info.get("bagged_info", {}).get("child_hyperparameters_fit") or info.get("hyperparameters_fit") or {}
+    hyperparameters = {**hyperparameters, **fitted}
     return {"model": name, "model_type": ag_model_registry.key(cls), "hyperparameters": _plain(hyperparameters)}
 
 

@@ -134,7 +134,8 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
                 target=predictor.target, prediction_length=horizon, freq=predictor.freq,
                 eval_metric=predictor.eval_metric.name, path=scratch, verbosity=0,
             ).fit(train_part, hyperparameters={"SeasonalNaive": {}}, enable_ensemble=False, skip_model_selection=True, random_seed=seed)
-            notes.insert(0, "before = a seasonal-naive forecast (each step repeats the value one season earlier), since there is no previous version")
+            baseline = "seasonal naive: each step repeats the value one season earlier"
+            notes.insert(0, f"before = {baseline}, since there is no previous version")
         before = _scores(before_model, series, metrics)
         before_forecast = before_model.predict(train_part)
     display.step(2, 2)
@@ -143,6 +144,7 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
     examples = _examples(series, train_part, before_forecast, after_forecast, predictor.target)
     columns = [c for c in ("model", "score_test", "score_val", "fit_time_marginal", "pred_time_test") if c in leaderboard]
     info = {
+        **({"baseline": baseline} if previous is None else {}),
         "task": "timeseries",
         "target": predictor.target,
         "problem_type": "forecast",
