@@ -47,7 +47,7 @@ def rows_of(data: Any, namespace: Mapping[str, Any] | None = None, con=None, par
     return frame
 
 
-def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, params=None, **options) -> Version:
     """Fine-tune ``name`` on ``data`` (SQL text or a DataFrame).
 
     A new NAME or an LLM: LoRA fine-tuning of ``base``. An AutoML NAME (made by
@@ -59,13 +59,13 @@ def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
     kind = store.kind(name) or "llm"
     if kind == "rag":
         raise NbCustomError(f"{name} is a RAG index: refresh it with %%rag {name}")
-    rows = rows_of(data, namespace, con)
+    rows = rows_of(data, namespace, con, params)
     previous = _previous(store, name, spec.from_version)
     train = engine("llm").train if kind == "llm" else engine("automl").update
-    return _commit("finetune", name, kind, spec, data, rows, previous, train, store, ui)
+    return _commit("finetune", name, kind, spec, data, rows, previous, train, store, ui, params)
 
 
-def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, params=None, **options) -> Version:
     """Train an AutoGluon model from scratch on the previous version's rows plus ``data``."""
     check_name(name)
     spec = RetrainSpec.from_options(**options)
@@ -73,11 +73,13 @@ def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
     kind = store.kind(name)
     if kind not in (None, "automl"):
         raise NbCustomError(f"{name} is a {kind} model; %%retrain makes AutoML models: choose another name")
-    rows = rows_of(data, namespace, con)
-    return _commit("retrain", name, "automl", spec, data, rows, store.active(name), engine("automl").train, store, ui)
+    previous = store.active(name)
+    spec.inherit((previous.manifest.get("schema") or previous.manifest.get("options")) if previous else None)
+    rows = rows_of(data, namespace, con, params)
+    return _commit("retrain", name, "automl", spec, data, rows, previous, engine("automl").train, store, ui, params)
 
 
-def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options) -> Version:
+def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, params=None, **options) -> Version:
     """Build or incrementally refresh the retrieval index ``name`` from the rows of ``data``."""
     check_name(name)
     spec = RagSpec.from_options(**options)
@@ -85,8 +87,8 @@ def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, 
     kind = store.kind(name)
     if kind not in (None, "rag"):
         raise NbCustomError(f"{name} is a {kind} model, not a RAG index: choose another name")
-    rows = rows_of(data, namespace, con)
-    return _commit("rag", name, "rag", spec, data, rows, store.active(name), engine("rag").build, store, ui)
+    rows = rows_of(data, namespace, con, params)
+    return _commit("rag", name, "rag", spec, data, rows, store.active(name), engine("rag").build, store, ui, params)
 
 
 def ask(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None):
@@ -154,7 +156,7 @@ def _previous(store: Store, name: str, version: int | None) -> Version | None:
     return store.active(name)
 
 
-def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, ui) -> Version:
+def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, ui, params=None) -> Version:
     """Run ``train`` inside a staging build and commit the version; show the summary."""
     started = _dt.datetime.now()
     display = make_display(ui or default_ui(), f"%%{magic} {name}")
@@ -168,6 +170,7 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
                     "magic": magic,
                     "options": spec.to_dict(),
                     "sql": data if isinstance(data, str) else None,
+                    **({"params": params} if params else {}),
                     "data": {"rows": len(rows), "columns": list(map(str, rows.columns)), "sha256": frame_sha256(rows)},
                     "parent": previous.version if previous else None,
                     "metrics": {"before": outcome.before, "after": outcome.after},

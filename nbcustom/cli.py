@@ -26,11 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--version", type=int)
     sp.add_argument("--into", help="also write the result to this table of --database")
     sp.add_argument("--output", help="write the result to this .csv or .parquet file")
+    sp = sub.add_parser("jobs", help="show jobs, or `jobs run`: run every due job once (for cron)")
+    sp.add_argument("action", nargs="?", choices=["list", "run"], default="list")
+    sp.add_argument("--database", help="DuckDB database file the jobs read (default: the one each job recorded)")
     args = p.parse_args(argv)
     store = Store(args.store)
     try:
         if args.command == "predict":
             return _predict(args, store)
+        if args.command == "jobs":
+            return _jobs(args, store)
         result = catalog.command(store, " ".join([args.command, *args.args]))
     except NbCustomError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -56,6 +61,31 @@ def _predict(args, store: Store) -> int:
         (result.to_parquet if args.output.endswith(".parquet") else result.to_csv)(args.output, index=False)
     else:
         print(result.to_string(index=False))
+    return 0
+
+
+def _jobs(args, store: Store) -> int:
+    from . import jobs
+
+    if args.action == "list":
+        table = jobs.table(store)
+        print(table.to_string(index=False) if len(table) else "(no jobs)")
+        return 0
+    con = None
+    if args.database:
+        import duckdb
+
+        con = duckdb.connect(args.database)
+    try:
+        results = jobs.run_due(store, con=con)
+    finally:
+        if con is not None:
+            con.close()
+    for result in results:
+        print(f"{result['name']}: {result['status']}" + (f" -> v{result['version']}" if result.get("version") else "")
+              + (f" ({result['error']})" if result.get("error") else ""))
+    if not results:
+        print("no job is due")
     return 0
 
 

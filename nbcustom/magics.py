@@ -103,9 +103,11 @@ class NbCustom(Magics):
     @line_magic
     def nbc(self, line: str):
         """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
-        compare NAME V1 V2 | runs [NAME]"""
+        compare NAME V1 V2 | runs [NAME] | job NAME --every 10m [--track COL] | job NAME --stop | jobs"""
         from . import catalog
 
+        if line.split()[:1] in (["job"], ["jobs"]):
+            return self._jobs(line)
         result = catalog.command(_store.Store(self.store), line)
         if isinstance(result, str):
             print(result)
@@ -113,6 +115,36 @@ class NbCustom(Magics):
             display(summary_bundle(result), raw=True)
         else:
             return result
+
+
+    def _jobs(self, line: str):
+        from . import jobs
+
+        store = _store.Store(self.store)
+        args = flags.parse(_JOB_PARSER, line)
+        if args["command"] == "jobs":
+            return jobs.table(store)
+        if not args.get("name"):
+            raise NbCustomError("use %nbc job NAME --every 10m [--track COL] or %nbc job NAME --stop")
+        if args.get("stop"):
+            jobs.stop(store, args["name"])
+            print(f"{args['name']}: job stopped")
+            return None
+        if not args.get("every"):
+            raise NbCustomError(f"%nbc job {args['name']} needs --every, e.g. --every 10m")
+        context = self._context(args)
+        job = jobs.schedule(store, args["name"], args["every"], args.get("track"), self.database, context["namespace"], context["con"])
+        jobs.Scheduler.ensure(store, self.shell.user_ns, self.session)
+        print(f"{job['name']}: runs every {job['every_seconds']:g}s, next at {job['next_due']:%H:%M:%S}"
+              + (f", reading rows with {job['track']} > {job['last_value']!r}" if job["track"] else ""))
+        return None
+
+
+_JOB_PARSER = flags.parser("nbc", positionals=("command",))
+_JOB_PARSER.add_argument("name", nargs="?")
+_JOB_PARSER.add_argument("--every")
+_JOB_PARSER.add_argument("--track")
+_JOB_PARSER.add_argument("--stop", action="store_true")
 
 
 def load_ipython_extension(shell) -> None:

@@ -94,7 +94,7 @@ class FinetuneSpec(Spec):
 class RetrainSpec(Spec):
     """``%%retrain``: AutoGluon from scratch on the previous rows plus the new ones."""
 
-    target: str | None = option(None, "column to predict (required)")
+    target: str | None = option(None, "column to predict (required; later versions inherit it)")
     timestamp: str | None = option(None, "time column: makes it a time-series model")
     item_id: str | None = option(None, "series id column (time series; default one series)")
     horizon: int | None = option(None, "steps to forecast (time series; default 7)", type=int)
@@ -107,12 +107,23 @@ class RetrainSpec(Spec):
 
     def validate(self) -> None:
         super().validate()
-        if not self.target:
-            raise NbCustomError("--target COL is required: name the column to predict")
         self._positive("horizon", "time_limit")
         self._fraction("eval_frac")
+
+    def inherit(self, previous: dict | None) -> "RetrainSpec":
+        """Fill the data-shape options left out (target, timestamp, item id, horizon, key)
+        from the previous version's options, then check the result."""
+        if previous:
+            for name in ("target", "timestamp", "item_id", "horizon", "key"):
+                if getattr(self, name) is None:
+                    setattr(self, name, previous.get(name))
+        if not self.target:
+            raise NbCustomError("--target COL is required: name the column to predict")
         if (self.item_id or self.horizon) and not self.timestamp:
             raise NbCustomError("--item-id and --horizon need --timestamp COL (time series)")
+        if self.timestamp and self.horizon is None:
+            self.horizon = 7
+        return self
 
 
 @dataclass

@@ -32,6 +32,9 @@ CREATE TABLE IF NOT EXISTS versions (
 CREATE TABLE IF NOT EXISTS runs (
     id VARCHAR PRIMARY KEY, name VARCHAR, magic VARCHAR, started TIMESTAMP, ended TIMESTAMP,
     status VARCHAR, rows_read BIGINT, version INTEGER, error VARCHAR);
+CREATE TABLE IF NOT EXISTS jobs (
+    name VARCHAR PRIMARY KEY, every_seconds DOUBLE, track VARCHAR, last_value JSON,
+    database VARCHAR, status VARCHAR, next_due TIMESTAMP, created TIMESTAMP);
 """
 
 
@@ -368,6 +371,26 @@ class Store:
     def runs(self, name: str | None = None, limit: int = 20) -> list[dict]:
         where, params = ("WHERE name = ?", [name]) if name else ("", [])
         return self._rows(f"SELECT * FROM runs {where} ORDER BY started DESC LIMIT {int(limit)}", params)
+
+    # --- jobs -----------------------------------------------------------------------------
+    def jobs(self) -> list[dict]:
+        """Every scheduled job (see ``nbcustom.jobs``)."""
+        if not (self.root / "catalog.duckdb").exists():
+            return []
+        with self._catalog(write=True) as con:  # write: creates the jobs table in old catalogs
+            cur = con.execute("SELECT * FROM jobs ORDER BY name")
+            cols = [d[0] for d in cur.description]
+            rows = [dict(zip(cols, row)) for row in cur.fetchall()]
+        for row in rows:
+            row["last_value"] = json.loads(row["last_value"]) if row["last_value"] else None
+        return rows
+
+    def save_job(self, job: dict) -> None:
+        """Insert or replace a job row."""
+        job = {**job, "last_value": json.dumps(job.get("last_value"), default=str)}
+        cols = ["name", "every_seconds", "track", "last_value", "database", "status", "next_due", "created"]
+        with self._catalog(write=True) as con:
+            con.execute(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(cols))})", [job.get(c) for c in cols])
 
 
 def _lock(f) -> None:

@@ -1,0 +1,291 @@
+"""Scheduled jobs: keep a model current by re-running its latest training step on a timer.
+
+A job remembers the SQL, magic and options of the version it was made from. Every
+``every_seconds`` it runs them again (``%%retrain``, ``%%finetune`` or a ``%%rag`` refresh).
+With ``track=COL`` only rows whose COL is above the largest value seen so far are read:
+``{{last}}`` in the SQL is that value, or the query is filtered on COL when it has no
+``{{last}}``. A run that finds no new rows records "nothing new" and makes no version.
+
+In a kernel, jobs run on one background thread per store (``Scheduler``) so the notebook
+stays responsive; whatever they print goes to a log file, never into a cell. ``nbcustom
+jobs run`` runs every due job once from the command line; both record each run in the
+catalog's ``runs`` table with magic ``job``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import api, data
+from .errors import NbCustomError
+from .store import Store, check_name
+
+_EVERY = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?", re.I)
+_UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+_LAST = re.compile(r"\{\{\s*last\s*\}\}")
+_RUNNERS = {"retrain": api.retrain, "finetune": api.finetune, "rag": api.rag}
+
+
+def parse_every(text: str | float) -> float:
+    """``"10m"``, ``"30s"``, ``"2h"``, ``"1d"`` or a number of seconds -> seconds."""
+    match = _EVERY.fullmatch(str(text).strip())
+    if not match or float(match.group(1)) <= 0:
+        raise NbCustomError(f"--every {text!r}: use an interval such as 30s, 10m, 2h or 1d")
+    return float(match.group(1)) * _UNITS[(match.group(2) or "s").lower()]
+
+
+def schedule(store: Store, name: str, every: str | float, track: str | None = None, database: str = ":memory:",
+             namespace: Mapping[str, Any] | None = None, con=None) -> dict:
+    """Create or replace the job of ``name``: the first run is due one interval from now."""
+    version = store.get(check_name(name))
+    manifest = version.manifest
+    if not manifest.get("sql") or manifest.get("magic") not in _RUNNERS:
+        raise NbCustomError(f"{name}@{version.version} was not made from a SQL query by a magic: run %%retrain/%%finetune/%%rag with SQL first")
+    last = None
+    if track:
+        last = _initial_last(version, manifest["sql"], track, namespace, con)
+    now = _dt.datetime.now()
+    seconds = parse_every(every)
+    job = {
+        "name": name, "every_seconds": seconds, "track": track, "last_value": last, "database": database,
+        "status": "active", "next_due": now + _dt.timedelta(seconds=seconds), "created": now,
+    }
+    store.save_job(job)
+    return job
+
+
+def stop(store: Store, name: str) -> None:
+    job = _job(store, name)
+    store.save_job({**job, "status": "stopped"})
+
+
+def due(store: Store, now: _dt.datetime | None = None) -> list[dict]:
+    now = now or _dt.datetime.now()
+    return [j for j in store.jobs() if j["status"] == "active" and j["next_due"] <= now]
+
+
+def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con=None) -> dict:
+    """Run the job of ``name`` once; returns its ``runs`` row. Never raises for a failed run:
+    the error is recorded and the job stays scheduled. Two runs of one job never overlap."""
+    job = _job(store, name)
+    lock_path = store.root / ".jobs" / f"{name}.lock"
+    lock_path.parent.mkdir(exist_ok=True)
+    with open(lock_path, "a+") as lock:
+        if not _try_lock(lock):
+            return {"name": name, "status": "skipped: already running"}
+        started = _dt.datetime.now()
+        record = {"id": uuid.uuid4().hex, "name": name, "magic": "job", "started": started, "rows_read": None, "version": None, "error": None}
+        last = job["last_value"]
+        try:
+            manifest = store.get(name, verify=False).manifest
+            sql, params = _tracked_sql(manifest["sql"], job["track"], last)
+            rows = data.to_pandas(sql, namespace=namespace, con=con, params=params)
+            record["rows_read"] = len(rows)
+            if rows.empty:
+                record["status"] = "nothing new"
+            else:
+                options = _options(manifest, job["track"])
+                version = _RUNNERS[manifest["magic"]](name, sql, namespace=namespace, con=con, store=store, ui="none", params=params, **options)
+                record.update(status="ok", version=version.version)
+                if job["track"]:
+                    last = _max(rows[job["track"]], last)
+        except Exception as e:  # recorded, not raised: a job's failure must not stop later runs
+            record.update(status="error", error=f"{type(e).__name__}: {e}" if not isinstance(e, NbCustomError) else str(e))
+        finally:
+            _unlock(lock)
+        store.record_run(name, "job", started, record["status"], record["rows_read"], record["version"], record["error"])
+        current = _job(store, name)  # may have been stopped meanwhile
+        store.save_job({**current, "last_value": last, "next_due": _dt.datetime.now() + _dt.timedelta(seconds=current["every_seconds"])})
+        return record
+
+
+def run_due(store: Store, namespace=None, con=None) -> list[dict]:
+    """Run every due job once (``nbcustom jobs run``)."""
+    results = []
+    for job in due(store):
+        if con is None and job["database"] in (None, ":memory:"):
+            store.record_run(job["name"], "job", _dt.datetime.now(), "error", error="the job reads the kernel's in-memory database; use %config NbCustom.database = 'file.duckdb' to run it outside the kernel")
+            store.save_job({**job, "next_due": _dt.datetime.now() + _dt.timedelta(seconds=job["every_seconds"])})
+            results.append({"name": job["name"], "status": "error"})
+            continue
+        import duckdb
+
+        connection = con if con is not None else duckdb.connect(job["database"])
+        try:
+            results.append(run(store, job["name"], namespace, connection))
+        finally:
+            if con is None:
+                connection.close()
+    return results
+
+
+def table(store: Store, runs_per_job: int = 5):
+    """Jobs and their recent runs, as one DataFrame (``%nbc jobs``)."""
+    import pandas as pd
+
+    rows = []
+    for job in store.jobs():
+        recent = store.runs(job["name"], limit=50)
+        recent = [r for r in recent if r["magic"] == "job"][:runs_per_job]
+        rows.append({
+            "name": job["name"], "status": job["status"], "every_seconds": job["every_seconds"], "track": job["track"],
+            "last_value": job["last_value"], "next_due": job["next_due"],
+            "recent_runs": "; ".join(f"{r['started']:%H:%M:%S} {r['status']}" + (f" v{r['version']}" if r["version"] else "") for r in recent),
+        })
+    return pd.DataFrame(rows, columns=["name", "status", "every_seconds", "track", "last_value", "next_due", "recent_runs"])
+
+
+class Scheduler(threading.Thread):
+    """The kernel's job thread for one store: runs due jobs one after another."""
+
+    _running: dict[Path, "Scheduler"] = {}
+    tick = 1.0
+
+    def __init__(self, store: Store, namespace, session: data.Session):
+        super().__init__(name=f"nbcustom-jobs-{store.root.name}", daemon=True)
+        self.store, self.namespace, self.session = store, namespace, session
+        self.stopped = threading.Event()
+        self.log = store.root / ".jobs" / "jobs.log"
+
+    @classmethod
+    def ensure(cls, store: Store, namespace, session: data.Session) -> "Scheduler":
+        current = cls._running.get(store.root)
+        if current is None or not current.is_alive():
+            current = cls._running[store.root] = cls(store, namespace, session)
+            _route_job_output()
+            current.start()
+        return current
+
+    def run(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "a", buffering=1) as log:
+            _thread_logs[threading.get_ident()] = log
+            while not self.stopped.wait(self.tick):
+                try:
+                    jobs = due(self.store)
+                except Exception as e:  # a busy or damaged catalog: try again next tick
+                    print(f"{_dt.datetime.now():%H:%M:%S} cannot read jobs: {e}", file=log)
+                    continue
+                for job in jobs:
+                    if self.stopped.is_set():
+                        break
+                    # A cursor: its own connection to the kernel's database, safe on this thread.
+                    result = run(self.store, job["name"], self.namespace, self.session.con.cursor())
+                    print(f"{_dt.datetime.now():%H:%M:%S} {job['name']}: {result}", file=log)
+
+
+# --- output routing: whatever a job thread prints goes to the jobs log, not a cell ----------
+_thread_logs: dict[int, Any] = {}
+
+
+class _Router:
+    """Stands in for sys.stdout/sys.stderr: job threads write to their log, others through."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        log = _thread_logs.get(threading.get_ident())
+        return log.write(text) if log is not None else self._stream.write(text)
+
+    def flush(self):
+        log = _thread_logs.get(threading.get_ident())
+        return log.flush() if log is not None else self._stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _route_job_output() -> None:
+    if not isinstance(sys.stdout, _Router):
+        sys.stdout = _Router(sys.stdout)
+    if not isinstance(sys.stderr, _Router):
+        sys.stderr = _Router(sys.stderr)
+
+
+# --- helpers ------------------------------------------------------------------------------
+def _job(store: Store, name: str) -> dict:
+    for job in store.jobs():
+        if job["name"] == name:
+            return job
+    raise NbCustomError(f"{name} has no job: schedule one with %nbc job {name} --every 10m")
+
+
+def _tracked_sql(sql: str, track: str | None, last) -> tuple[str, dict]:
+    if not track:
+        return sql, {}
+    if _LAST.search(sql):
+        return sql, {"last": last}
+    if last is None:
+        return sql, {}
+    column = '"' + track.replace('"', '""') + '"'
+    return f"SELECT * FROM ({sql.strip().rstrip(';')}) AS _nbcustom_rows WHERE {column} > {{{{last}}}}", {"last": last}
+
+
+def _initial_last(version, sql: str, track: str, namespace, con):
+    """The largest ``track`` value the version was made from."""
+    import pandas as pd
+
+    train = version.path / "train.parquet"
+    if train.exists():
+        rows = pd.read_parquet(train)
+        if track in rows.columns:
+            return _max(rows[track], None)
+    rows = data.to_pandas(sql, namespace=namespace, con=con, params={"last": None})
+    if track not in rows.columns:
+        raise NbCustomError(f"--track {track}: the model's SQL has no column {track!r}; columns: {', '.join(map(str, rows.columns))}")
+    return _max(rows[track], None)
+
+
+def _max(column, last):
+    value = column.max()
+    if hasattr(value, "item"):
+        value = value.item()
+    if hasattr(value, "isoformat"):
+        value = value.isoformat(sep=" ") if isinstance(value, _dt.datetime) else value.isoformat()
+    return value if last is None or value > last else last
+
+
+def _options(manifest: dict, track: str | None) -> dict:
+    options = {k: v for k, v in manifest.get("options", {}).items() if v is not None and v is not False}
+    options.pop("from_version", None)
+    options.pop("resume", None)
+    if manifest["magic"] == "rag" and track:
+        options["append"] = True  # only new rows are read: keep the others
+    return options
+
+
+def _try_lock(f) -> bool:
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    except ImportError:  # Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+
+
+def _unlock(f) -> None:
+    try:
+        import fcntl
+
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    except ImportError:
+        import msvcrt
+
+        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)
