@@ -1,0 +1,437 @@
+"""The RAG engine (llama-index): build or refresh an index over table rows, answer questions
+with cited sources, evaluate the LLM alone against the LLM with retrieval.
+
+Each row becomes a llama-index ``Document`` (id, text, metadata), split by
+``SentenceSplitter`` and embedded with the local embedding model; the vectors live in a
+DuckDB table (``rag_store``). A refresh embeds only rows whose content hash changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any, Sequence
+
+from ..errors import NbCustomError
+from ..specs import RagSpec
+from . import Outcome, rag_models, rag_store
+from .rag_models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
+
+SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context."
+SYSTEM_ALONE = "Answer the question with a short answer."
+SNIPPET = 200  # characters of a source shown with an answer
+EMBED_BATCH = 64
+# A refresh reuses vectors only when these options are the same as the previous version's.
+INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
+
+
+# --- rows -> documents ---------------------------------------------------------------------
+def documents(spec: RagSpec, rows) -> tuple[Any, dict]:
+    """The rows as a frame of ``row_id``, ``text``, ``metadata`` (dict), ``hash``, plus what
+    was chosen (text, metadata and id columns, id type). User mistakes raise here."""
+    import pandas as pd
+
+    columns = [str(c) for c in rows.columns]
+    rows = rows.set_axis(columns, axis=1)
+    if spec.id not in columns:
+        raise NbCustomError(f"no id column {spec.id!r} in the query (columns: {', '.join(columns)}): name one with --id COL")
+    metadata_cols = spec.columns("metadata")
+    for col in metadata_cols:
+        if col not in columns:
+            raise NbCustomError(f"--metadata column {col!r} is not in the query (columns: {', '.join(columns)})")
+    text_cols = spec.columns("text")
+    for col in text_cols:
+        if col not in columns:
+            raise NbCustomError(f"--text column {col!r} is not in the query (columns: {', '.join(columns)})")
+    if not text_cols:
+        text_cols = [c for c in columns if c != spec.id and c not in metadata_cols and _is_text(rows[c])]
+        if not text_cols:
+            raise NbCustomError("no text column to index: select a text (VARCHAR) column or name it with --text COL")
+    ids = rows[spec.id]
+    if ids.isna().any():
+        raise NbCustomError(f"id column {spec.id!r} has NULL values: every row needs an id (filter them out or choose --id)")
+    keys = ids.map(key)
+    duplicated = keys[keys.duplicated()]
+    if len(duplicated):
+        raise NbCustomError(f"id column {spec.id!r} has duplicate values (e.g. {duplicated.iloc[0]!r}): ids must be unique, choose another --id")
+
+    texts = [_join(row, text_cols) for row in rows[text_cols].itertuples(index=False)]
+    empty = [k for k, t in zip(keys, texts) if not t]
+    if empty:
+        raise NbCustomError(
+            f"row {empty[0]!r} has no text (NULL or empty {', '.join(text_cols)}): filter such rows out with WHERE ... IS NOT NULL"
+        )
+    metadata = [
+        {c: _plain(v) for c, v in zip(metadata_cols, values)} for values in rows[metadata_cols].itertuples(index=False)
+    ] if metadata_cols else [{} for _ in texts]
+    frame = pd.DataFrame({"row_id": keys.tolist(), "text": texts, "metadata": metadata})
+    frame["hash"] = [content_hash(t, m) for t, m in zip(texts, metadata)]
+    chosen = {
+        "id_column": spec.id, "id_type": "int" if pd.api.types.is_integer_dtype(ids) else "str",
+        "text_columns": text_cols, "metadata_columns": metadata_cols,
+    }
+    return frame, chosen
+
+
+def content_hash(text: str, metadata: dict) -> str:
+    """sha256 of a row's text and metadata: what decides whether it is embedded again."""
+    return hashlib.sha256(json.dumps([text, metadata], sort_keys=True, default=str).encode()).hexdigest()
+
+
+def key(value: Any) -> str | None:
+    """A row id as the index stores it: text, with 3.0 (an int read through NULLs) as 3."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _is_text(series) -> bool:
+    import pandas as pd
+
+    if pd.api.types.is_string_dtype(series) and not pd.api.types.is_object_dtype(series):
+        return True
+    values = series.dropna()
+    return pd.api.types.is_object_dtype(series) and len(values) > 0 and values.map(lambda v: isinstance(v, str)).all()
+
+
+def _join(values: Sequence[Any], columns: Sequence[str]) -> str:
+    """One column: its text. Several: ``column: text`` lines, so the LLM sees what is what."""
+    parts = [(c, str(v).strip()) for c, v in zip(columns, values) if v is not None and not _missing(v) and str(v).strip()]
+    if len(columns) == 1:
+        return parts[0][1] if parts else ""
+    return "\n".join(f"{c}: {v}" for c, v in parts)
+
+
+def _missing(value: Any) -> bool:
+    try:
+        return bool(value != value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON can hold it."""
+    if value is None or _missing(value):
+        return None
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    return value if isinstance(value, (str, int, float, bool)) else str(value)
+
+
+# --- build / refresh ------------------------------------------------------------------------
+def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
+    """Build the index from ``rows``, or refresh ``previous``: only new or changed rows are
+    embedded, unchanged rows' vectors are copied, missing rows are dropped (kept with
+    ``--append``)."""
+    from .. import models
+
+    frame, chosen = documents(spec, rows)
+    embed_path = models.resolve_embedding(spec.embed)
+    models.resolve_llm(spec.llm)  # an unknown --llm fails now, not at the first question
+
+    old_hashes, reuse = {}, False
+    if previous is not None:
+        old_options = previous.manifest.get("options", {})
+        reuse = all(old_options.get(o) == getattr(spec, o) for o in INDEX_OPTIONS)
+        old_hashes = rag_store.row_hashes(previous.model_dir / rag_store.FILE)
+    current = dict(zip(frame["row_id"], frame["hash"]))
+    added = [r for r in current if r not in old_hashes]
+    changed = [r for r in current if r in old_hashes and old_hashes[r] != current[r]]
+    unchanged = [r for r in current if old_hashes.get(r) == current[r]]
+    missing = [r for r in old_hashes if r not in current]
+    kept = missing if spec.append else []
+    if not reuse:  # other embedding or chunking: every row is embedded again
+        to_embed = list(current)
+        copied_rows: list[str] = []
+    else:
+        to_embed = added + changed
+        copied_rows = unchanged + kept
+    if kept and not reuse:
+        raise NbCustomError("--append needs the same --embed, --chunk-size and --chunk-overlap as the previous version")
+
+    display.phase("loading embedding model")
+    embed_model = rag_models.embedder(embed_path, EMBED_BATCH)
+    rag_models.use(embed_model)
+    display.phase("chunking")
+    todo = frame[frame["row_id"].isin(set(to_embed))]
+    chunks = split(todo, spec, embed_model)
+    display.phase("embedding")
+    before_calls = EMBED_CALLS["documents"]
+    vectors = embed(embed_model, [c["embed_text"] for c in chunks], display)
+    dim = len(vectors[0]) if len(vectors) else embed_model._model.get_sentence_embedding_dimension()
+
+    display.phase("writing vectors")
+    path = build.model_dir / rag_store.FILE
+    con = rag_store.create(path, dim)
+    try:
+        rag_store.insert(con, chunks, vectors)
+        copied = rag_store.copy_rows(con, previous.model_dir / rag_store.FILE, copied_rows) if copied_rows else 0
+        total = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+    finally:
+        rag_store.close(con)
+
+    counts = {
+        "added": len(added), "changed": len(changed), "removed": len(missing) - len(kept),
+        "unchanged": len(unchanged), "embedded": len(to_embed), "chunks": int(total),
+        "chunks_embedded": EMBED_CALLS["documents"] - before_calls, "chunks_copied": int(copied),
+    }
+    if kept:
+        counts["kept"] = len(kept)
+    notes = [
+        f"{counts['embedded']} rows embedded ({counts['chunks_embedded']} chunks); "
+        f"{counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, {counts['unchanged']} unchanged"
+        + (f", {len(kept)} kept (--append)" if kept else "")
+    ]
+    if previous is not None and not reuse:
+        notes.append(f"--embed or chunking differs from v{previous.version}: every row was embedded again")
+    train_rows = rows.copy()
+    train_rows["content_hash"] = frame["hash"].to_numpy()
+    if kept:
+        train_rows = _with_kept(train_rows, previous, chosen["id_column"], kept)
+    info = {
+        "base": spec.llm or models.DEFAULT_LLM,
+        "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": f"model/{rag_store.FILE}"},
+    }
+    return Outcome(counts=counts, train_rows=train_rows, info=info, notes=notes)
+
+
+def split(frame, spec: RagSpec, embed_model) -> list[dict]:
+    """Rows -> chunks with ``SentenceSplitter`` (sizes in the embedding model's tokens)."""
+    from functools import partial
+
+    from llama_index.core import Document
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import MetadataMode
+
+    tokenizer = partial(embed_model._model.tokenizer.encode, add_special_tokens=False)
+    splitter = SentenceSplitter(chunk_size=spec.chunk_size, chunk_overlap=spec.chunk_overlap, tokenizer=tokenizer)
+    chunks = []
+    for row in frame.itertuples(index=False):
+        document = Document(id_=row.row_id, text=row.text, metadata=row.metadata)
+        with rag_models.quiet():
+            nodes = splitter.get_nodes_from_documents([document])
+        for position, node in enumerate(nodes):
+            chunks.append(
+                {
+                    "chunk_id": f"{row.row_id}#{position}", "row_id": row.row_id, "position": position,
+                    "hash": row.hash, "text": node.text, "metadata": row.metadata,
+                    "embed_text": node.get_content(metadata_mode=MetadataMode.EMBED),
+                }
+            )
+    return chunks
+
+
+def embed(embed_model, texts: list[str], display):
+    """Embedding vectors of ``texts``, a batch at a time, with progress."""
+    import numpy as np
+
+    out = []
+    for start in range(0, len(texts), EMBED_BATCH):
+        with rag_models.quiet():
+            out += embed_model.get_text_embedding_batch(texts[start : start + EMBED_BATCH])
+        display.step(min(start + EMBED_BATCH, len(texts)), len(texts))
+    return np.asarray(out, dtype=np.float32)
+
+
+def _with_kept(train_rows, previous, id_column: str, kept: list[str]):
+    """The new rows plus the previous version's rows that ``--append`` kept."""
+    import pandas as pd
+
+    old_file = previous.path / "train.parquet"
+    if not old_file.exists():
+        return train_rows
+    old = pd.read_parquet(old_file)
+    old = old[old[id_column].map(key).isin(set(kept))]
+    return pd.concat([train_rows, old], ignore_index=True)
+
+
+# --- using an index --------------------------------------------------------------------------
+def load(version) -> "RagIndex":
+    """The index of a committed version, ready to answer (models load on the first question)."""
+    return RagIndex(version)
+
+
+class RagIndex:
+    """A committed index version: ``ask``, ``predict``, ``evaluate`` and ``retrieve``.
+
+    ``as_llama_index()`` gives the llama-index ``VectorStoreIndex`` over the same vectors,
+    for llama-index's own retrievers and query engines.
+    """
+
+    def __init__(self, version):
+        self.version = version
+        self.options = version.manifest.get("options", {})
+        self.info = version.manifest.get("index", {})
+        self.top_k = int(self.options.get("top_k") or 4)
+        self.max_new_tokens = int(self.options.get("max_new_tokens") or 96)
+        self.vectors = rag_store.Vectors(version.model_dir / rag_store.FILE)
+        self._index = None
+
+    def __repr__(self) -> str:
+        return f"RagIndex({self.version.name}@{self.version.version}, {len(self.vectors)} chunks)"
+
+    # --- models ------------------------------------------------------------------------
+    def embed_model(self):
+        from .. import models
+
+        return rag_models.embedder(models.resolve_embedding(self.options.get("embed")), EMBED_BATCH)
+
+    def llm(self, max_new_tokens: int | None = None):
+        llm = rag_models.answerer(self.options.get("llm"), max_new_tokens or self.max_new_tokens)
+        rag_models.use(self.embed_model(), llm)
+        return llm
+
+    def as_llama_index(self):
+        """A llama-index ``VectorStoreIndex`` over this version's vectors (read-only)."""
+        if self._index is None:
+            from llama_index.core import VectorStoreIndex
+
+            embed_model = self.embed_model()
+            rag_models.use(embed_model)
+            self._index = VectorStoreIndex.from_vector_store(rag_store.vector_store(self.vectors), embed_model=embed_model)
+        return self._index
+
+    # --- retrieval and answers ---------------------------------------------------------
+    def retrieve(self, questions: Sequence[str], top_k: int | None = None) -> list[list[dict]]:
+        """For each question, its ``top_k`` sources: id, score, snippet, metadata, text."""
+        retriever = self.as_llama_index().as_retriever(similarity_top_k=top_k or self.top_k)
+        out = []
+        for question in questions:
+            with rag_models.quiet():
+                hits = retriever.retrieve(question)
+            out.append([self._source(hit) for hit in hits])
+        return out
+
+    def _source(self, hit) -> dict:
+        node = hit.node
+        row_id = node.ref_doc_id
+        return {
+            "id": int(row_id) if self.info.get("id_type") == "int" else row_id,
+            "score": round(float(hit.score), 4),
+            "snippet": _snippet(node.text),
+            "metadata": dict(node.metadata),
+            "text": node.get_content(metadata_mode=_llm_mode()),
+        }
+
+    def answer(self, questions: Sequence[str], sources: Sequence[list[dict]] | None, max_new_tokens=None, progress=None) -> list[str]:
+        """Greedy answers: from the sources when given, else from the LLM alone."""
+        from llama_index.core.base.llms.types import ChatMessage
+
+        llm = self.llm(max_new_tokens)
+        prompts = []
+        for i, question in enumerate(questions):
+            if sources is None:
+                messages = [ChatMessage(role="system", content=SYSTEM_ALONE), ChatMessage(role="user", content=question)]
+            else:
+                context = "\n".join(f"[{n}] {s['text']}" for n, s in enumerate(sources[i], 1))
+                messages = [
+                    ChatMessage(role="system", content=SYSTEM_CONTEXT),
+                    ChatMessage(role="user", content=f"Context:\n{context}\n\nQuestion: {question}"),
+                ]
+            prompts.append(llm.chat_prompt(messages))
+        return llm.generate(prompts, max_new_tokens=max_new_tokens, progress=progress)
+
+    def ask(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None):
+        """A DataFrame of ``question``, ``answer`` and ``sources`` (id, score, snippet, metadata)."""
+        import pandas as pd
+
+        questions = list(questions)
+        sources = self.retrieve(questions, top_k)
+        answers = self.answer(questions, sources, max_new_tokens)
+        return pd.DataFrame({"question": questions, "answer": answers, "sources": [_public(s) for s in sources]})
+
+    def predict(self, rows, top_k: int | None = None, max_new_tokens: int | None = None):
+        """``rows`` with ``prediction`` (the answer to its ``question``) and ``sources``."""
+        column = _question_column(rows, "%%predict on a RAG index")
+        questions = [str(q) for q in rows[column]]
+        answers = self.ask(questions, top_k=top_k, max_new_tokens=max_new_tokens)
+        result = rows.copy()
+        result["prediction"] = answers["answer"].to_numpy()
+        result["sources"] = answers["sources"].to_numpy()
+        return result
+
+    def evaluate(self, rows, display, top_k: int | None = None, max_new_tokens: int | None = None) -> Outcome:
+        """The LLM alone (before) against the LLM with retrieval (after), on ``rows`` with
+        ``question``, ``answer`` and optional ``source_id``.
+
+        Both sides get ``answer_f1`` (token F1 with the reference answer) and
+        ``answer_contains`` (share of answers that contain the normalized reference).
+        Only the after side has ``hit_rate@K`` (share of questions whose ``source_id`` row is
+        among the K retrieved chunks) and ``mrr`` (mean of 1/rank of that row, 0 when not
+        retrieved): the LLM alone retrieves nothing, so those metrics do not exist before.
+        Both are computed over the rows that have a ``source_id`` and left out when none has.
+        """
+        import pandas as pd
+
+        from ..evaluate import contains, mean, token_f1
+
+        column = _question_column(rows, "--eval")
+        if "answer" not in rows.columns:
+            raise NbCustomError("the --eval query needs an `answer` column with the reference answers (SELECT ... AS answer)")
+        k = top_k or self.top_k
+        questions = [str(q) for q in rows[column]]
+        references = ["" if _missing(a) or a is None else str(a) for a in rows["answer"]]
+        source_ids = [key(s) for s in rows["source_id"]] if "source_id" in rows.columns else [None] * len(rows)
+        total = len(questions)
+
+        display.phase("answering without retrieval")
+        before = self.answer(questions, None, max_new_tokens, progress=lambda n: display.step(n, total))
+        display.phase("retrieving")
+        sources = self.retrieve(questions, k)
+        display.phase("answering with retrieval")
+        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total))
+
+        retrieved = [[str(s["id"]) for s in found] for found in sources]
+        ranks = [(r.index(sid) + 1 if sid in r else None) if sid is not None else None for sid, r in zip(source_ids, retrieved)]
+        scored = [i for i, sid in enumerate(source_ids) if sid is not None]
+
+        def side(answers):
+            return {
+                "answer_f1": mean(token_f1(a, r) for a, r in zip(answers, references)),
+                "answer_contains": mean(contains(a, r) for a, r in zip(answers, references)),
+            }
+
+        after_metrics = side(after)
+        if scored:
+            after_metrics[f"hit_rate@{k}"] = mean(1.0 if ranks[i] else 0.0 for i in scored)
+            after_metrics["mrr"] = mean(1.0 / ranks[i] if ranks[i] else 0.0 for i in scored)
+        examples = pd.DataFrame(
+            {
+                "question": questions, "reference": references, "before": before, "after": after,
+                "source_id": source_ids, "retrieved": retrieved,
+                "hit": [None if sid is None else bool(rank) for sid, rank in zip(source_ids, ranks)],
+                "rank": pd.array(ranks, dtype="Int64"),
+            }
+        )
+        return Outcome(
+            before=side(before), after=after_metrics, examples=examples,
+            before_label="LLM alone", after_label=f"with retrieval (top {k})",
+            notes=[f"{total} questions; retrieval metrics over the {len(scored)} with a source_id"],
+        )
+
+
+def _question_column(rows, where: str) -> str:
+    if "question" not in rows.columns:
+        raise NbCustomError(f"{where} needs a `question` column (columns: {', '.join(map(str, rows.columns))}): SELECT ... AS question")
+    return "question"
+
+
+def _snippet(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= SNIPPET else text[: SNIPPET - 1] + "…"
+
+
+def _public(sources: list[dict]) -> list[dict]:
+    """Sources as users see them: without the full prompt text."""
+    return [{k: v for k, v in s.items() if k != "text"} for s in sources]
+
+
+def _llm_mode():
+    from llama_index.core.schema import MetadataMode
+
+    return MetadataMode.LLM
