@@ -5,6 +5,9 @@
 autogluon, llama_index) is imported until a run needs it.
 """
 
+# The metrics module loads first: importing it later would rebind ``nbcustom.evaluate`` from
+# the public function below to the module (``from nbcustom.evaluate import token_f1`` works either way).
+from . import evaluate as _metrics  # noqa: F401
 from .api import ask, evaluate, finetune, load, predict, rag, retrain
 from .data import default_session
 from .errors import NbCustomError

@@ -1,0 +1,316 @@
+"""LLM fine-tuning: LoRA (transformers + peft) with a plain torch training loop.
+
+``train`` checks the rows, tokenizes them with the model's chat template, scores the base
+model (or the previous version) on a seeded holdout, trains the adapter, scores it again on
+the same rows and writes the adapter in standard PEFT format into the build. ``load``
+returns a ``Generator`` for ``%%predict`` and ``nbcustom.load``.
+
+Checkpoints live outside the store (under the nbcustom cache), so an interrupted run leaves
+the store as it was and ``--resume`` continues from the last one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .. import models
+from ..errors import NbCustomError
+from . import Outcome, llm_data
+from .llm_generate import adapted, generate, lora_config, mean_loss, quiet, score
+
+DEFAULT_BATCH = 8
+WARMUP = 0.06  # fraction of the steps with a rising learning rate
+CHECKPOINTS = 5  # checkpoints per run (and one at each epoch's end)
+
+
+def train(spec, rows, previous, build, display) -> Outcome:
+    """Fine-tune a LoRA adapter on ``rows``; see the module docstring."""
+    import torch
+
+    llm_data.check_rows(rows, spec.prompt, spec.response)
+    base = _base_name(spec, previous)
+    path = models.resolve_llm(base)
+    device, dtype = _device(spec.device)
+    quiet()
+    tokenizer = _tokenizer(path)
+    every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, spec.system)
+    train_at, held_at = llm_data.split(len(rows), spec.eval_frac, spec.seed)
+    fits = [len(e) <= spec.max_length for e in every]
+    if not any(fits):
+        longest = min(len(e) for e in every)
+        raise NbCustomError(f"every example is longer than --max-length {spec.max_length} tokens (shortest: {longest}); raise --max-length")
+    train_set = [every[i] for i in train_at if fits[i]]
+    held_set = [every[i] for i in held_at if fits[i]]
+    if not train_set or not held_set:
+        side = "training" if not train_set else "holdout"
+        raise NbCustomError(f"no {side} example is within --max-length {spec.max_length} tokens; raise --max-length or add rows")
+
+    display.phase("loading model")
+    model, tokenizer = models.load_llm(path, device, dtype)
+    torch.manual_seed(spec.seed)
+    checkpoint = Checkpoint(build.path.parents[1], build.name, _fingerprint(spec, rows, previous, path))
+    source = {"adapter_dir": previous.model_dir, "trainable": True} if previous else {"config": lora_config(model, spec.lora_r, spec.lora_alpha)}
+    batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
+    steps = llm_data.schedule([len(e) for e in train_set], batch_size, spec.epochs, spec.max_steps, spec.seed)
+
+    with adapted(model, **source) as peft_model:
+        state = checkpoint.load() if spec.resume else None
+        if state is None:
+            checkpoint.clear()
+            before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before")
+            state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
+        run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
+        after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after")
+        display.phase("saving")
+        peft_model.save_pretrained(build.model_dir)
+        tokenizer.save_pretrained(build.model_dir)
+        lora = peft_model.peft_config["default"]
+    checkpoint.clear()
+
+    from ..display.charts import loss_chart
+
+    history, evals = state["history"], state["eval_history"]
+    charts = {"loss": loss_chart(*zip(*history), *(zip(*evals) if evals else ((), ())))} if len(history) > 1 else {}
+    held_rows = [e.row for e in held_set]
+    examples = rows.iloc[held_rows][[spec.prompt, spec.response]].rename(columns={spec.prompt: "prompt", spec.response: "reference"})
+    examples = examples.assign(before=state["before_texts"], after=after_texts).reset_index(drop=True)
+    dropped = fits.count(False)
+    notes = [f"continued from v{previous.version}'s adapter (LoRA r={lora.r} kept)"] if previous else []
+    if dropped:
+        notes.append(f"{dropped} example(s) longer than --max-length {spec.max_length} tokens were dropped")
+    if run["resumed_from"]:
+        notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
+    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}")
+    return Outcome(
+        before=state["before"], after=after,
+        counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},
+        train_rows=rows.iloc[[e.row for e in train_set]].reset_index(drop=True),
+        examples=examples, charts=charts, notes=notes,
+        info={
+            "base": {"name": base or models.DEFAULT_LLM, "path": str(path), "id": model.config.name_or_path},
+            "llm": {
+                "prompt": spec.prompt, "response": spec.response, "system": spec.system,
+                "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
+                "batch_size": batch_size, "device": device, "dtype": dtype, **run,
+            },
+        },
+        before_label=f"v{previous.version}" if previous else "base",
+        after_label=f"v{_next_version(build)}",
+    )
+
+
+def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display) -> dict:
+    """AdamW with linear warmup and decay, one length-bucketed batch per step; updates
+    ``state`` (step, losses, tokens) and checkpoints it as it goes."""
+    import torch
+
+    total = len(steps)
+    warmup = max(1, round(WARMUP * total))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+    )
+    resumed_from = state["step"]
+    if resumed_from:
+        checkpoint.restore(model, optimizer, scheduler)
+        display.log(f"resumed from the checkpoint at step {resumed_from} of {total}")
+    per_epoch = math.ceil(len(train_set) / min(spec.batch_size or DEFAULT_BATCH, len(train_set)))
+    every = max(1, total // CHECKPOINTS)
+    device = next(model.parameters()).device
+    display.phase("training")
+    started = time.monotonic()
+    for step in range(resumed_from, total):
+        model.train()
+        batch = llm_data.right_padded([train_set[i] for i in steps[step]], tokenizer.pad_token_id, device)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        state["step"], state["tokens"] = done, state["tokens"] + int(batch["attention_mask"].sum())
+        state["history"].append((done, float(loss)))
+        display.step(done, total, loss=float(loss), lr=scheduler.get_last_lr()[0])
+        if done % per_epoch == 0 or done == total:
+            eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
+            state["eval_history"].append((done, eval_loss))
+            display.step(done, eval_loss=eval_loss)
+            display.log(f"epoch {math.ceil(done / per_epoch)}: eval_loss {eval_loss:.4f}")
+        if done < total and (done % every == 0 or done % per_epoch == 0):
+            state["seconds"] += time.monotonic() - started
+            started = time.monotonic()
+            checkpoint.save(model, optimizer, scheduler, state)
+    state["seconds"] += time.monotonic() - started
+    return {
+        "steps": total, "resumed_from": resumed_from, "train_seconds": round(state["seconds"], 2),
+        "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
+    }
+
+
+class Checkpoint:
+    """The latest training state of one run, under ``cache_dir()/checkpoints``, keyed by the
+    store and model name; it is only used by a run with the same data and options."""
+
+    def __init__(self, store_root: Path, name: str, fingerprint: str):
+        key = hashlib.sha256(f"{Path(store_root).resolve()}\0{name}".encode()).hexdigest()[:20]
+        self.folder = models.cache_dir() / "checkpoints" / key
+        self.fingerprint = fingerprint
+        self._tensors = None
+
+    def save(self, model, optimizer, scheduler, state: dict) -> None:
+        import torch
+        from peft import get_peft_model_state_dict
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+        }
+        staging = self.folder / "state.pt.tmp"
+        torch.save(tensors, staging)
+        os.replace(staging, self.folder / "state.pt")
+        (self.folder / "state.json.tmp").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
+        os.replace(self.folder / "state.json.tmp", self.folder / "state.json")
+
+    def load(self) -> dict | None:
+        """The saved run state, or None if there is none for this run."""
+        try:
+            state = json.loads((self.folder / "state.json").read_text())
+        except (OSError, ValueError):
+            return None
+        if state.pop("fingerprint", None) != self.fingerprint or not (self.folder / "state.pt").exists():
+            return None
+        return state
+
+    def restore(self, model, optimizer, scheduler) -> None:
+        import torch
+        from peft import set_peft_model_state_dict
+
+        tensors = torch.load(self.folder / "state.pt", weights_only=False)
+        set_peft_model_state_dict(model, tensors["adapter"])
+        optimizer.load_state_dict(tensors["optimizer"])
+        scheduler.load_state_dict(tensors["scheduler"])
+        torch.set_rng_state(tensors["rng"])
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _fingerprint(spec, rows, previous, path) -> str:
+    from ..api import frame_sha256
+
+    options = {k: v for k, v in spec.to_dict().items() if k not in ("resume", "max_new_tokens")}
+    parent = f"{previous.name}@{previous.version}" if previous else None
+    return hashlib.sha256(json.dumps([options, frame_sha256(rows), parent, str(path)], default=str).encode()).hexdigest()
+
+
+def _base_name(spec, previous) -> str | None:
+    if previous is None:
+        return spec.base
+    was = previous.manifest.get("base", {})
+    if spec.base and spec.base not in (was.get("name"), was.get("path"), was.get("id")):
+        raise NbCustomError(
+            f"{previous.name} was tuned from {was.get('name')}; --base {spec.base} would start over: use a new NAME"
+        )
+    return was.get("name")
+
+
+def _device(choice: str) -> tuple[str, str]:
+    """(device, dtype): CUDA with bf16 when present (or asked for), else CPU float32."""
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise NbCustomError("--device cuda: no CUDA GPU is visible to this kernel; use --device cpu")
+    if choice in ("auto", "cuda") and torch.cuda.is_available():
+        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "cpu", "float32"
+
+
+_TOKENIZERS: dict[str, object] = {}
+
+
+def _tokenizer(path: Path):
+    """The tokenizer alone (cheap), so bad rows fail before the model loads."""
+    if str(path) not in _TOKENIZERS:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[str(path)] = tokenizer
+    return _TOKENIZERS[str(path)]
+
+
+def _next_version(build) -> int:
+    from ..store import Store
+
+    return max((v["version"] for v in Store(build.path.parents[1]).versions(build.name)), default=0) + 1
+
+
+# --- using a version ---------------------------------------------------------------------
+
+
+def load(version) -> "Generator":
+    """The tuned model of ``version``, ready to generate."""
+    return Generator(version)
+
+
+class Generator:
+    """A fine-tuned LLM version: ``generate(prompts)``, ``predict(rows)``, ``merged()``."""
+
+    def __init__(self, version):
+        self.version = version
+        info = version.manifest.get("llm", {})
+        self.prompt_column = info.get("prompt", "prompt")
+        self.system = info.get("system")
+        self.max_new_tokens = version.manifest.get("options", {}).get("max_new_tokens", 64)
+        self.adapter_dir = version.model_dir
+
+    def __repr__(self) -> str:
+        return f"Generator({self.version.name}@{self.version.version})"
+
+    def _base(self):
+        quiet()
+        base = self.version.manifest.get("base", {})
+        path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
+        device, dtype = _device("auto")
+        return models.load_llm(path, device, dtype)
+
+    def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
+        """Greedy completions of ``prompts`` (chat template with the version's system message)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        systems = system if isinstance(system, list) else [system or self.system] * len(prompts)
+        model, tokenizer = self._base()
+        ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
+        with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
+            return generate(peft_model, tokenizer, ids, max_new_tokens or self.max_new_tokens)
+
+    def predict(self, rows, max_new_tokens: int | None = None):
+        """``rows`` with a ``prediction`` column generated from the prompt column."""
+        column = self.prompt_column if self.prompt_column in rows.columns else "prompt"
+        llm_data.check_rows(rows, column, None)
+        systems = llm_data.systems(rows, self.system)
+        out = rows.copy()
+        out["prediction"] = self.generate(rows[column].astype(str).tolist(), max_new_tokens, systems)
+        return out
+
+    def merged(self):
+        """A standalone transformers model with the adapter merged into (a copy of) the base."""
+        import copy
+
+        from peft import PeftModel
+
+        model, _ = self._base()
+        return PeftModel.from_pretrained(copy.deepcopy(model), self.adapter_dir).merge_and_unload()
+
+    @property
+    def tokenizer(self):
+        return self._base()[1]
