@@ -163,7 +163,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     display.phase("embedding")
     before_calls = EMBED_CALLS["documents"]
     vectors = embed(embed_model, [c["embed_text"] for c in chunks], display)
-    dim = len(vectors[0]) if len(vectors) else embed_model._model.get_sentence_embedding_dimension()
+    dim = len(vectors[0]) if len(vectors) else rag_models.dimension(embed_model)
 
     display.phase("writing vectors")
     path = build.model_dir / rag_store.FILE
@@ -171,7 +171,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     try:
         rag_store.insert(con, chunks, vectors)
         copied = rag_store.copy_rows(con, previous.model_dir / rag_store.FILE, copied_rows) if copied_rows else 0
-        total = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
+        total = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
     finally:
         rag_store.close(con)
 

@@ -59,6 +59,12 @@ def embedder(name: str | None, batch_size: int = 64):
     return _EMBEDDERS[path]
 
 
+def dimension(embed_model) -> int:
+    """The length of the embedding model's vectors, without embedding anything."""
+    model = embed_model._model
+    return (getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension)()
+
+
 def _embedding_class() -> type:
     """``HuggingFaceEmbedding`` that counts the texts it embeds (in ``EMBED_CALLS``)."""
     if "embed" not in _CLASSES:

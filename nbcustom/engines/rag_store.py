@@ -47,7 +47,7 @@ def insert(con, chunks: Sequence[dict], vectors) -> None:
     )
     con.register("__new_chunks", table)
     try:
-        con.execute("INSERT INTO chunks SELECT * FROM __new_chunks")
+        con.execute("INSERT INTO chunks SELECT * FROM __new_chunks").fetchall()
     finally:
         con.unregister("__new_chunks")
 
@@ -61,9 +61,9 @@ def copy_rows(con, previous: Path, row_ids: Sequence[str]) -> int:
     con.execute(f"ATTACH '{_quoted(previous)}' AS previous (READ_ONLY)")
     con.register("__keep", pa.table({"row_id": pa.array(list(row_ids), pa.string())}))
     try:
-        before = con.execute("SELECT count(*) FROM chunks").fetchone()[0]
-        con.execute("INSERT INTO chunks SELECT c.* FROM previous.chunks c SEMI JOIN __keep k ON c.row_id = k.row_id")
-        return con.execute("SELECT count(*) FROM chunks").fetchone()[0] - before
+        before = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+        con.execute("INSERT INTO chunks SELECT c.* FROM previous.chunks c SEMI JOIN __keep k ON c.row_id = k.row_id").fetchall()
+        return con.execute("SELECT count(*) FROM chunks").fetchall()[0][0] - before
     finally:
         con.unregister("__keep")
         con.execute("DETACH previous")

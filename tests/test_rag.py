@@ -1,0 +1,229 @@
+"""%%rag: build, incremental refresh, answers with sources, before/after evaluation and
+%%predict on an index, with the real embedding model, llama-index, DuckDB and the embedded
+LLM, on invented facts no model can know."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import nbcustom
+from nbcustom.errors import NbCustomError
+from nbcustom.store import Store
+
+from conftest import snapshot
+from rag_facts import FACTS, QUESTIONS, facts_frame, questions_frame
+
+AGENTS = ["Abel", "Brix", "Cato", "Dima", "Esko", "Fenna", "Gorm", "Hale", "Ines", "Jory",
+          "Kasimir", "Lotte", "Mads", "Nyla", "Orrin", "Pell", "Quade", "Runa", "Sten", "Tove"]
+FIFTY = FACTS + [(31 + i, f"Agent {name} keeps locker number {100 + 7 * i}.", "lockers") for i, name in enumerate(AGENTS)]
+
+
+def embedded_documents() -> int:
+    from nbcustom.engines import rag_models
+
+    return rag_models.EMBED_CALLS["documents"]
+
+
+def ids(sources) -> list:
+    return [s["id"] for s in sources]
+
+
+# --- rows -> documents (no model) ---------------------------------------------------------
+def test_rows_become_documents_with_ids_text_metadata_and_content_hashes():
+    from nbcustom.engines.rag import documents
+    from nbcustom.specs import RagSpec
+
+    rows = pd.DataFrame({"id": [1, 2], "title": ["Vault", "Mayor"], "body": ["Code QX-4471.", "Talia Brennick."],
+                         "topic": ["security", "people"], "stars": [3, 4]})
+    frame, chosen = documents(RagSpec.from_options(metadata="topic"), rows)
+    # default text: every text column but the id and metadata ones, labelled when several
+    assert chosen["text_columns"] == ["title", "body"] and chosen["id_type"] == "int"
+    assert frame["row_id"].tolist() == ["1", "2"]
+    assert frame["text"][0] == "title: Vault\nbody: Code QX-4471."
+    assert frame["metadata"][1] == {"topic": "people"}
+    again, _ = documents(RagSpec.from_options(metadata="topic"), rows)
+    assert again["hash"].tolist() == frame["hash"].tolist()  # stable
+    rows.loc[1, "topic"] = "mayors"  # a metadata change is a content change
+    changed, _ = documents(RagSpec.from_options(metadata="topic"), rows)
+    assert changed["hash"][0] == frame["hash"][0] and changed["hash"][1] != frame["hash"][1]
+    one, chosen = documents(RagSpec.from_options(text="body"), rows)
+    assert one["text"][0] == "Code QX-4471." and chosen["metadata_columns"] == []
+
+
+# --- bad input -------------------------------------------------------------------------------
+BAD = {
+    "no text column": ("SELECT id, id * 2 AS n FROM facts", "", "no text column"),
+    "duplicate ids": ("SELECT id % 3 AS id, fact FROM facts", "", "duplicate"),
+    "NULL text": ("SELECT id, CASE WHEN id = 4 THEN NULL ELSE fact END AS fact FROM facts", "", "no text"),
+    "missing id": ("SELECT fact FROM facts", "", "--id"),
+    "unknown --text": ("SELECT * FROM facts", "--text body", "--text column 'body'"),
+    "eval without question": ("SELECT answer, source_id FROM questions", "--eval", "`question` column"),
+    "eval without answer": ("SELECT question FROM questions", "--eval", "`answer` column"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_error_and_leaves_the_store_unchanged(ip, store_dir, case):
+    sql, flags, message = BAD[case]
+    ip.user_ns["facts"] = facts_frame()
+    ip.user_ns["questions"] = questions_frame()
+    if flags == "--eval":
+        ip.run_cell_magic("rag", "facts --metadata topic", "SELECT * FROM facts")
+    state = snapshot(store_dir)
+    with pytest.raises(NbCustomError) as error:
+        ip.run_cell_magic("rag", f"facts {flags}", sql)
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert snapshot(store_dir) == state
+
+
+def test_ask_without_questions_and_predict_without_question_column(ip, store_dir):
+    ip.user_ns["facts"] = facts_frame()
+    ip.run_cell_magic("rag", "facts", "SELECT * FROM facts")
+    state = snapshot(store_dir)
+    with pytest.raises(NbCustomError, match="no question"):
+        ip.run_cell_magic("rag", "facts --ask", "\n  \n")
+    with pytest.raises(NbCustomError, match="`question` column"):
+        ip.run_cell_magic("predict", "facts", "SELECT fact FROM facts")
+    with pytest.raises(NbCustomError, match="is a RAG index"):
+        nbcustom.finetune("facts", "SELECT 1 AS prompt, 2 AS response", store=store_dir)
+    assert snapshot(store_dir) == state
+
+
+# --- refresh -------------------------------------------------------------------------------
+def test_refresh_embeds_only_new_and_changed_rows_and_forgets_removed_ones(ip, store_dir):
+    ip.user_ns["facts"] = facts_frame(FIFTY)
+    ip.run_cell_magic("rag", "facts --metadata topic", "SELECT * FROM facts")
+    index = nbcustom.load("facts", store=store_dir)
+    tower = "What is the tallest tower in Dunmarrow?"
+    assert ids(index.retrieve([tower], 3)[0])[0] == 7
+
+    rows = [r for r in FIFTY if r[0] != 7]  # removed
+    rows = [(5, "The inventor of the glimmerwheel was Pia Lorrent.", "people") if r[0] == 5 else r for r in rows]  # changed
+    rows.append((51, "The harbor master of Port Ellisande is Gunnar Vey.", "people"))  # added
+    ip.user_ns["facts"] = facts_frame(rows)
+    start = embedded_documents()
+    ip.run_cell_magic("rag", "facts --metadata topic", "SELECT * FROM facts")
+    embedded = embedded_documents() - start
+
+    v2 = Store(store_dir).get("facts")
+    counts = v2.manifest["counts"]
+    assert (v2.version, counts["added"], counts["changed"], counts["removed"], counts["unchanged"]) == (2, 1, 1, 1, 48)
+    assert counts["embedded"] == 2 and counts["chunks_embedded"] == embedded == 2
+    assert counts["chunks"] == 50 and counts["chunks_copied"] == 48
+    index = nbcustom.load("facts", store=store_dir)
+    assert 7 not in ids(index.retrieve([tower], 10)[0])
+    assert all(s["id"] != 7 for found in index.retrieve([f[1] for f in FACTS], 5) for s in found)
+    assert "Pia Lorrent" in index.retrieve(["Who invented the glimmerwheel?"], 1)[0][0]["snippet"]
+    assert ids(index.retrieve(["Who is the harbor master of Port Ellisande?"], 1)[0]) == [51]
+    saved = pd.read_parquet(v2.path / "train.parquet")
+    assert len(saved) == 50 and "content_hash" in saved.columns
+
+    # --append keeps rows missing from the query; the same rows again embed nothing
+    start = embedded_documents()
+    ip.run_cell_magic("rag", "facts --metadata topic --append", "SELECT * FROM facts WHERE id <= 10")
+    counts = Store(store_dir).get("facts").manifest["counts"]
+    assert embedded_documents() == start
+    assert (counts["embedded"], counts["removed"], counts["kept"], counts["chunks"]) == (0, 0, 41, 50)
+    # another chunking re-embeds everything (vectors of other chunks cannot be reused)
+    ip.run_cell_magic("rag", "facts --metadata topic --chunk-size 256", "SELECT * FROM facts")
+    assert Store(store_dir).get("facts").manifest["counts"]["embedded"] == 50
+
+
+# --- answers and evaluation (the embedded LLM) ----------------------------------------------
+@pytest.mark.slow
+def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, store_dir, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for var in ("OPENAI_API_KEY", "OPENAI_API_BASE", "ANTHROPIC_API_KEY", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    ip.user_ns["facts"] = facts_frame()
+    ip.user_ns["questions"] = questions_frame()
+    ip.run_cell_magic("rag", "facts --metadata topic --top-k 3 --max-new-tokens 32", "SELECT * FROM facts")
+
+    capsys.readouterr()
+    ip.run_cell_magic("rag", "facts --ask", "What is the access code of the Vormund vault?\n\nWho is the mayor of Quenville?\n")
+    shown = capsys.readouterr().out
+    assert shown.count("Q: ") == 2 and "QX-4471" in shown and "[1] 1 (" in shown  # answer and its source
+
+    ip.run_cell_magic("rag", "facts --eval", "SELECT * FROM questions")
+    version = Store(store_dir).get("facts")  # checksums verified after the eval rewrote the manifest
+    before, after = version.manifest["metrics"]["before"], version.manifest["metrics"]["after"]
+    assert after["hit_rate@3"] >= 0.8 and after["mrr"] >= 0.7
+    assert after["answer_contains"] >= before["answer_contains"] + 0.5
+    assert after["answer_f1"] > before["answer_f1"]
+    assert "hit_rate@3" not in before  # the LLM alone retrieves nothing
+    examples = pd.read_parquet(version.path / "eval.parquet")
+    assert list(examples.columns) == ["question", "reference", "before", "after", "source_id", "retrieved", "hit", "rank"]
+    assert len(examples) == len(QUESTIONS) and examples["hit"].mean() == after["hit_rate@3"]
+
+    from llama_index.core import Settings
+
+    from nbcustom.engines import rag_models
+
+    # llama-index's defaults are the local models, never a hosted API
+    assert type(Settings.llm).__name__ == "LocalLLM" and "Counting" in type(Settings.embed_model).__name__
+    assert isinstance(Settings.llm, rag_models._llm_class())
+
+
+@pytest.mark.slow
+def test_predict_appends_answers_and_sources(ip, store_dir):
+    ip.user_ns["facts"] = facts_frame()
+    ip.run_cell_magic("rag", "facts --top-k 2 --max-new-tokens 24", "SELECT * FROM facts")
+    result = ip.run_cell_magic(
+        "predict", "facts --into answers",
+        "SELECT 'Who is the chef of the Saffron Owl restaurant?' AS question, 7 AS ticket",
+    )
+    assert list(result.columns) == ["question", "ticket", "prediction", "sources"]
+    assert "Bettany Kroll" in result["prediction"][0]
+    assert [s["id"] for s in result["sources"][0]][0] == 16 and len(result["sources"][0]) == 2
+    assert set(result["sources"][0][0]) == {"id", "score", "snippet", "metadata"}
+    stored = nbcustom.connection().execute("SELECT prediction FROM answers").fetchall()
+    assert stored == [(result["prediction"][0],)]
+
+
+@pytest.mark.slow
+def test_index_reloads_in_a_fresh_process_without_embedding_again(tmp_path):
+    store = tmp_path / "store"
+    nbcustom.rag("facts", facts_frame(), store=store, ui="none", top_k=2, max_new_tokens=24)
+    questions = [QUESTIONS[0][0], QUESTIONS[4][0]]
+    here = nbcustom.ask("facts", questions, store=store)
+
+    script = textwrap.dedent(
+        f"""
+        import json, nbcustom
+        from nbcustom.engines import rag_models
+        answers = nbcustom.ask("facts", {questions!r}, store={str(store)!r})
+        print(json.dumps({{"answers": answers["answer"].tolist(), "sources": [[s["id"] for s in f] for f in answers["sources"]],
+                          "calls": rag_models.EMBED_CALLS}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env["HF_HUB_OFFLINE"] = "1"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600,
+                          cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr[-2000:]
+    there = json.loads(done.stdout.strip().splitlines()[-1])
+    assert there["calls"] == {"documents": 0, "queries": 2}  # only the questions were embedded
+    assert there["answers"] == here["answer"].tolist()
+    assert there["sources"] == [[s["id"] for s in f] for f in here["sources"]]
+
+
+def test_answers_render_as_html_and_text():
+    from nbcustom.display.answers import answers_html, answers_text
+
+    frame = pd.DataFrame({
+        "question": ["Who is the mayor of <Quenville>?"], "answer": ["Talia Brennick"],
+        "sources": [[{"id": 2, "score": 0.71234, "snippet": "Talia Brennick is the mayor", "metadata": {}}]],
+    })
+    html = answers_html(frame)
+    assert "&lt;Quenville&gt;" in html and "<td>2</td>" in html and "0.7123" in html
+    assert answers_text(frame).splitlines() == [
+        "Q: Who is the mayor of <Quenville>?", "A: Talia Brennick", "  [1] 2 (0.7123) Talia Brennick is the mayor",
+    ]
