@@ -145,7 +145,7 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
         monkeypatch.delenv(var, raising=False)
     ip.user_ns["facts"] = facts_frame()
     ip.user_ns["questions"] = questions_frame()
-    ip.run_cell_magic("rag", "facts --metadata topic --top-k 3 --max-new-tokens 32", "SELECT * FROM facts")
+    ip.run_cell_magic("rag", "facts --metadata topic --top-k 3 --max-new-tokens 24", "SELECT * FROM facts")
 
     capsys.readouterr()
     ip.run_cell_magic("rag", "facts --ask", "What is the access code of the Vormund vault?\n\nWho is the mayor of Quenville?\n")
