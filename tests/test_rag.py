@@ -227,3 +227,15 @@ def test_answers_render_as_html_and_text():
     assert answers_text(frame).splitlines() == [
         "Q: Who is the mayor of <Quenville>?", "A: Talia Brennick", "  [1] 2 (0.7123) Talia Brennick is the mayor",
     ]
+
+
+def test_long_rows_are_split_into_chunks_that_cite_their_row(ip, store_dir):
+    story = " ".join(f"Chapter {n} of the Orlan saga tells of the {word} keeper." for n, word in
+                     enumerate(["amber", "basalt", "cobalt", "dune", "ember", "frost", "garnet", "harbor", "indigo", "jade"] * 3))
+    story += " In the last chapter the keeper hides the Verdigris Crown under the old mill of Saltmere."
+    ip.user_ns["books"] = pd.DataFrame({"id": ["saga", "note"], "text": [story, "A short note about bread."]})
+    ip.run_cell_magic("rag", "books --chunk-size 64 --chunk-overlap 8", "SELECT * FROM books")
+    counts = Store(store_dir).get("books").manifest["counts"]
+    assert counts["chunks"] > 5 and counts["chunks"] == counts["chunks_embedded"]
+    found = nbcustom.load("books", store=store_dir).retrieve(["Where is the Verdigris Crown hidden?"], 1)[0][0]
+    assert found["id"] == "saga" and "Saltmere" in found["snippet"]

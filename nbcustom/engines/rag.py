@@ -210,19 +210,21 @@ def split(frame, spec: RagSpec, embed_model) -> list[dict]:
 
     tokenizer = partial(embed_model._model.tokenizer.encode, add_special_tokens=False)
     splitter = SentenceSplitter(chunk_size=spec.chunk_size, chunk_overlap=spec.chunk_overlap, tokenizer=tokenizer)
-    chunks = []
-    for row in frame.itertuples(index=False):
-        document = Document(id_=row.row_id, text=row.text, metadata=row.metadata)
-        with rag_models.quiet():
-            nodes = splitter.get_nodes_from_documents([document])
-        for position, node in enumerate(nodes):
-            chunks.append(
-                {
-                    "chunk_id": f"{row.row_id}#{position}", "row_id": row.row_id, "position": position,
-                    "hash": row.hash, "text": node.text, "metadata": row.metadata,
-                    "embed_text": node.get_content(metadata_mode=MetadataMode.EMBED),
-                }
-            )
+    rows = {row.row_id: row for row in frame.itertuples(index=False)}
+    docs = [Document(id_=row.row_id, text=row.text, metadata=row.metadata) for row in rows.values()]
+    with rag_models.quiet():
+        nodes = splitter.get_nodes_from_documents(docs)
+    chunks, positions = [], {}
+    for node in nodes:
+        row = rows[node.ref_doc_id]
+        position = positions[row.row_id] = positions.get(row.row_id, -1) + 1
+        chunks.append(
+            {
+                "chunk_id": f"{row.row_id}#{position}", "row_id": row.row_id, "position": position,
+                "hash": row.hash, "text": node.text, "metadata": row.metadata,
+                "embed_text": node.get_content(metadata_mode=MetadataMode.EMBED),
+            }
+        )
     return chunks
 
 
