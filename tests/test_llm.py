@@ -54,8 +54,10 @@ def tuned(shell, tmp_path_factory):
     shell.run_line_magic("config", f"NbCustom.store = {str(store)!r}")
     shell.run_line_magic("config", "NbCustom.ui = 'text'")
     shell.user_ns["fmt_rows"] = llm_task.rows(40)
-    version = shell.run_cell_magic("finetune", f"fmt {OPTIONS}", "SELECT * FROM fmt_rows")
-    return {"store": store, "version": version, "digest": digest}
+    shell.run_cell_magic("finetune", f"fmt {OPTIONS}", "SELECT * FROM fmt_rows")
+    from nbcustom import Store
+
+    return {"store": store, "version": Store(store).get("fmt"), "digest": digest}
 
 
 # --- data: chat template and labels (tokenizer only) ----------------------------------

@@ -129,16 +129,17 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     for step in range(resumed_from, total):
         model.train()
         batch = llm_data.right_padded([train_set[i] for i in steps[step]], tokenizer.pad_token_id, device)
-        loss = model(**batch).loss
-        loss.backward()
+        output = model(**batch)
+        output.loss.backward()
+        loss = output.loss.item()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         state["step"], state["tokens"] = done, state["tokens"] + int(batch["attention_mask"].sum())
-        state["history"].append((done, float(loss)))
-        display.step(done, total, loss=float(loss), lr=scheduler.get_last_lr()[0])
+        state["history"].append((done, loss))
+        display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
         if done % per_epoch == 0 or done == total:
             eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
             state["eval_history"].append((done, eval_loss))
