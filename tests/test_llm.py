@@ -253,8 +253,8 @@ def test_second_finetune_continues_from_v1_without_reloading_the_base(tuned, she
     for metric in ("exact_match", "token_f1", "rouge_l"):
         assert before[metric] == v1["metrics"]["after"][metric]
     assert before["eval_loss"] == pytest.approx(v1["metrics"]["after"]["eval_loss"], rel=1e-4)
-    # continuing keeps v1's LoRA settings and its system message is given again by the run
-    assert v2.manifest["llm"]["lora"] == v1["llm"]["lora"]
+    # continuing keeps v1's LoRA settings and its system message
+    assert v2.manifest["llm"]["lora"] == v1["llm"]["lora"] and v2.manifest["llm"]["system"] == llm_task.SYSTEM
 
 
 # --- Ctrl-C and --resume ------------------------------------------------------------------

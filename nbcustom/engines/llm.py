@@ -37,9 +37,11 @@ def train(spec, rows, previous, build, display) -> Outcome:
     base = _base_name(spec, previous)
     path = models.resolve_llm(base)
     device, dtype = _device(spec.device)
+    # a continued run keeps the previous version's system message unless given a new one
+    system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
     quiet()
     tokenizer = _tokenizer(path)
-    every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, spec.system)
+    every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, system)
     train_at, held_at = llm_data.split(len(rows), spec.eval_frac, spec.seed)
     fits = [len(e) <= spec.max_length for e in every]
     if not any(fits):
@@ -95,7 +97,7 @@ def train(spec, rows, previous, build, display) -> Outcome:
         info={
             "base": {"name": base or models.DEFAULT_LLM, "path": str(path), "id": model.config.name_or_path},
             "llm": {
-                "prompt": spec.prompt, "response": spec.response, "system": spec.system,
+                "prompt": spec.prompt, "response": spec.response, "system": system,
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
                 "batch_size": batch_size, "device": device, "dtype": dtype, **run,
             },
