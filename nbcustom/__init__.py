@@ -5,16 +5,13 @@
 autogluon, llama_index) is imported until a run needs it.
 """
 
-# The metrics module loads first: importing it later would rebind ``nbcustom.evaluate`` from
-# the public function below to the module (``from nbcustom.evaluate import token_f1`` works either way).
-from . import evaluate as _metrics  # noqa: F401
-from .api import ask, evaluate, finetune, load, predict, rag, retrain
+from .api import ask, finetune, load, predict, rag, rag_eval, retrain
 from .data import default_session
 from .errors import NbCustomError
 from .store import Store
 
 __version__ = "0.1.0"
-__all__ = ["NbCustomError", "Store", "ask", "connection", "evaluate", "finetune", "load", "predict", "rag", "retrain"]
+__all__ = ["NbCustomError", "Store", "ask", "connection", "finetune", "load", "predict", "rag", "rag_eval", "retrain"]
 
 
 def connection():

@@ -101,7 +101,7 @@ def ask(name: str, questions: str | list[str], *, top_k: int | None = None, vers
     return load(name, version=version, store=store, kind="rag").ask(questions, top_k=top_k)
 
 
-def evaluate(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None) -> Version:
+def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None) -> Version:
     """RAG evaluation: the LLM alone (before) vs with retrieval (after), recorded with the
     active version (``metrics.before/after`` in its manifest and ``eval.parquet``)."""
     store = _store(store)

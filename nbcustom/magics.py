@@ -89,7 +89,7 @@ class NbCustom(Magics):
             return None
         if args.pop("eval", False):
             context = self._context(args)
-            api.evaluate(name, cell, **context, top_k=args.get("top_k"))
+            api.rag_eval(name, cell, **context, top_k=args.get("top_k"))
             return None
         api.rag(name, cell, **self._context(args), **args)
 

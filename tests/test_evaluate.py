@@ -53,10 +53,3 @@ def test_perplexity_is_exp_of_loss():
     assert perplexity(0.0) == 1.0
     assert perplexity(2.0) == pytest.approx(math.e**2)
     assert math.isfinite(perplexity(1e6))
-
-
-def test_metrics_module_does_not_shadow_the_public_evaluate_function():
-    import nbcustom
-    import nbcustom.engines.llm_generate  # noqa: F401  (imports the metrics module)
-
-    assert callable(nbcustom.evaluate) and nbcustom.evaluate.__module__ == "nbcustom.api"
