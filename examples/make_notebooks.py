@@ -79,7 +79,7 @@ questions = pd.DataFrame([
 notebook("quickstart.ipynb", [
     "# nbcustom quickstart\n\nAll three magics on small data made right here, with the embedded default models "
     "(SmolLM2-135M-Instruct and all-MiniLM-L6-v2): nothing is downloaded and nothing leaves the machine.",
-    ("parameters", "N_PRODUCTS = 64      # rows for the LLM fine-tune\nFINETUNE_STEPS = 60  # LoRA optimizer steps\nN_HOUSES = 400       # rows for the AutoML model\nTIME_LIMIT = 20      # seconds per AutoGluon fit"),
+    ("parameters", "N_PRODUCTS = 64      # rows for the LLM fine-tune\nFINETUNE_STEPS = 16  # LoRA optimizer steps\nN_HOUSES = 400       # rows for the AutoML model\nTIME_LIMIT = 20      # seconds per AutoGluon fit"),
     "%load_ext nbcustom",
     "md: ## 1. `%%finetune`: teach an LLM a house format\nProduct descriptions in, one line `name | price | colour` out. The base model cannot do this; LoRA teaches it in a minute on a CPU.",
     PRODUCTS,
@@ -104,7 +104,7 @@ notebook("finetune_support_bot.ipynb", [
     "# A support bot that answers in the house style\n\nA help desk answers every ticket in one fixed shape: "
     "`[CATEGORY] answer — Team Nimbus`. We teach the embedded SmolLM2 that shape with LoRA on past tickets, "
     "check the before/after numbers on held-out tickets, and continue training when more tickets arrive.",
-    ("parameters", "N_TICKETS = 80\nSTEPS = 60\nMORE_STEPS = 20"),
+    ("parameters", "N_TICKETS = 80\nSTEPS = 16\nMORE_STEPS = 6"),
     "%load_ext nbcustom",
     '''import duckdb, random
 import pandas as pd

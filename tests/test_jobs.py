@@ -49,6 +49,7 @@ def test_job_retrains_on_new_rows_only_and_skips_when_nothing_is_new(ip, store_d
         assert made["version"] == 2 and made["rows_read"] == 15
         manifest = store.get("prices", 2).manifest
         assert manifest["counts"]["previous"] == 120 and manifest["counts"]["new"] == 15 and manifest["counts"]["rows"] == 135
+        assert manifest["metrics"]["after"]["root_mean_squared_error"] > 0  # errors on their natural scale
         after = len(job_runs(store))
         wait_for(lambda: len(job_runs(store)) > after)
         assert job_runs(store)[-1]["status"] == "nothing new"

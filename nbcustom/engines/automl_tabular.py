@@ -185,7 +185,7 @@ def _scores(predictor, y_true, pred) -> dict:
     for name in dict.fromkeys(wanted):
         if name in raw:
             scorer = get_metric(name, predictor.problem_type)
-            scores[name] = float(raw[name]) * (1 if scorer.greater_is_better else -1)
+            scores[name] = float(raw[name]) * (1 if scorer.greater_is_better_internal else -1)
     return scores
 
 
