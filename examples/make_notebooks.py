@@ -130,6 +130,7 @@ tickets.head()''',
     "%%finetune support_bot --max-steps $MORE_STEPS --lr 1e-3 --max-new-tokens 32 --system \"You are the Nimbus help desk.\"\nSELECT question AS prompt, answer AS response FROM tickets WHERE ticket_id >= {{N_TICKETS}} * 3 / 4",
     "%%predict support_bot\nSELECT 'I cannot log in to Nimbus Go' AS prompt UNION ALL SELECT 'Where is my Nimbus Home order?'",
     "%nbc compare support_bot 1 2",
+    "%nbc show support_bot",
 ])
 
 notebook("retrain_forecast.ipynb", [
@@ -151,6 +152,7 @@ history, new_days = demand.iloc[:HISTORY_DAYS], demand.iloc[HISTORY_DAYS:]''',
     "md: Two months of new sales arrive: retrain from scratch on everything, compare with version 1 on the same holdout.",
     "%%retrain demand --time-limit $TIME_LIMIT\nSELECT * FROM new_days",
     "%%predict demand\nSELECT * FROM demand",
+    "%nbc versions demand",
     "%nbc compare demand 1 2",
 ])
 

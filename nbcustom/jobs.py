@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 from . import api, data
 from .errors import NbCustomError
-from .store import Store, check_name
+from .store import Store, check_name, lock_file, unlock_file
 
 _EVERY = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?", re.I)
 _UNITS = {"s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
@@ -78,7 +78,7 @@ def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con
     lock_path = store.root / ".jobs" / f"{name}.lock"
     lock_path.parent.mkdir(exist_ok=True)
     with open(lock_path, "a+") as lock:
-        if not _try_lock(lock):
+        if not lock_file(lock, blocking=False):
             return {"name": name, "status": "skipped: already running"}
         started = _dt.datetime.now()
         record = {"id": uuid.uuid4().hex, "name": name, "magic": "job", "started": started, "rows_read": None, "version": None, "error": None}
@@ -99,7 +99,7 @@ def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con
         except Exception as e:  # recorded, not raised: a job's failure must not stop later runs
             record.update(status="error", error=f"{type(e).__name__}: {e}" if not isinstance(e, NbCustomError) else str(e))
         finally:
-            _unlock(lock)
+            unlock_file(lock)
         store.record_run(name, "job", started, record["status"], record["rows_read"], record["version"], record["error"])
         current = _job(store, name)  # may have been stopped meanwhile
         store.save_job({**current, "last_value": last, "next_due": _dt.datetime.now() + _dt.timedelta(seconds=current["every_seconds"])})
@@ -260,32 +260,3 @@ def _options(manifest: dict, track: str | None) -> dict:
     if manifest["magic"] == "rag" and track:
         options["append"] = True  # only new rows are read: keep the others
     return options
-
-
-def _try_lock(f) -> bool:
-    try:
-        import fcntl
-
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
-    except ImportError:  # Windows
-        import msvcrt
-
-        try:
-            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
-            return True
-        except OSError:
-            return False
-
-
-def _unlock(f) -> None:
-    try:
-        import fcntl
-
-        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    except ImportError:
-        import msvcrt
-
-        msvcrt.locking(f.fileno(), msvcrt.LK_UNLCK, 1)

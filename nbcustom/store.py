@@ -131,11 +131,11 @@ class Store:
     def _locked(self) -> Iterator[None]:
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "a+") as lock:
-            _lock(lock)
+            lock_file(lock)
             try:
                 yield
             finally:
-                _unlock(lock)
+                unlock_file(lock)
 
     @contextlib.contextmanager
     def _catalog(self, write: bool = False) -> Iterator[Any]:
@@ -393,24 +393,29 @@ class Store:
             con.execute(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(cols))})", [job.get(c) for c in cols])
 
 
-def _lock(f) -> None:
+def lock_file(f, blocking: bool = True) -> bool:
+    """An exclusive lock on an open file; False if ``blocking`` is off and it is held."""
     try:
         import fcntl
-
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
     except ImportError:  # Windows
         import msvcrt
 
         f.seek(0)
         while True:
             try:
-                msvcrt.locking(f.fileno(), msvcrt.LK_LOCK, 1)
-                return
+                msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+                return True
             except OSError:
-                continue
+                if not blocking:
+                    return False
+    try:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
 
 
-def _unlock(f) -> None:
+def unlock_file(f) -> None:
     try:
         import fcntl
 
