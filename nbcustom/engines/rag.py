@@ -197,7 +197,16 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         "base": spec.llm or models.DEFAULT_LLM,
         "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": f"model/{rag_store.FILE}"},
     }
-    return Outcome(counts=counts, train_rows=train_rows, info=info, notes=notes)
+    import pandas as pd
+
+    from ..display.charts import bar_chart
+
+    refresh = {k: counts[k] for k in ("added", "changed", "removed", "unchanged", "embedded")}
+    return Outcome(
+        counts=counts, train_rows=train_rows, info=info, notes=notes,
+        charts={"refresh": bar_chart(refresh, f"rows in this refresh ({counts['chunks']} chunks in the index)")},
+        tables={"refresh": pd.DataFrame([{"rows": k, "count": v} for k, v in refresh.items()])},
+    )
 
 
 def split(frame, spec: RagSpec, embed_model) -> list[dict]:
