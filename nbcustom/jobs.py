@@ -14,6 +14,7 @@ catalog's ``runs`` table with magic ``job``.
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
 import re
 import sys
@@ -146,39 +147,68 @@ class Scheduler(threading.Thread):
     """The kernel's job thread for one store: runs due jobs one after another."""
 
     _running: dict[Path, "Scheduler"] = {}
+    _guard = threading.Lock()  # a thread deciding to exit vs a new job being scheduled
     tick = 1.0
 
     def __init__(self, store: Store, namespace, session: data.Session):
         super().__init__(name=f"nbcustom-jobs-{store.root.name}", daemon=True)
         self.store, self.namespace, self.session = store, namespace, session
         self.stopped = threading.Event()
+        self.exiting = False
         self.log = store.root / ".jobs" / "jobs.log"
 
     @classmethod
     def ensure(cls, store: Store, namespace, session: data.Session) -> "Scheduler":
-        current = cls._running.get(store.root)
-        if current is None or not current.is_alive():
-            current = cls._running[store.root] = cls(store, namespace, session)
-            _route_job_output()
-            current.start()
+        with cls._guard:
+            current = cls._running.get(store.root)
+            if current is None or not current.is_alive() or current.exiting:
+                current = cls._running[store.root] = cls(store, namespace, session)
+                _route_job_output()
+                current.start()
         return current
 
+    @classmethod
+    def stop_all(cls, timeout: float = 30.0) -> None:
+        """Stop every job thread and wait for it (at exit: a thread killed inside DuckDB or
+        torch during interpreter shutdown aborts the process)."""
+        for scheduler in list(cls._running.values()):
+            scheduler.stopped.set()
+        for scheduler in list(cls._running.values()):
+            scheduler.join(timeout)
+        cls._running.clear()
+
     def run(self) -> None:
+        """Run due jobs until stopped, or until the store has no active job left."""
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "a", buffering=1) as log:
             _thread_logs[threading.get_ident()] = log
-            while not self.stopped.wait(self.tick):
-                try:
-                    jobs = due(self.store)
-                except Exception as e:  # a busy or damaged catalog: try again next tick
-                    print(f"{_dt.datetime.now():%H:%M:%S} cannot read jobs: {e}", file=log)
-                    continue
-                for job in jobs:
-                    if self.stopped.is_set():
+            try:
+                while not self.stopped.wait(self.tick):
+                    try:
+                        scheduled = [j for j in self.store.jobs() if j["status"] == "active"]
+                    except Exception as e:  # a busy or damaged catalog: try again next tick
+                        print(f"{_dt.datetime.now():%H:%M:%S} cannot read jobs: {e}", file=log)
+                        continue
+                    if not scheduled and self._nothing_left():
                         break
-                    # A cursor: its own connection to the kernel's database, safe on this thread.
-                    result = run(self.store, job["name"], self.namespace, self.session.con.cursor())
-                    print(f"{_dt.datetime.now():%H:%M:%S} {job['name']}: {result}", file=log)
+                    for job in scheduled:
+                        if self.stopped.is_set() or job["next_due"] > _dt.datetime.now():
+                            continue
+                        # A cursor: its own connection to the kernel's database, safe on this thread.
+                        result = run(self.store, job["name"], self.namespace, self.session.con.cursor())
+                        print(f"{_dt.datetime.now():%H:%M:%S} {job['name']}: {result}", file=log)
+            finally:
+                _thread_logs.pop(threading.get_ident(), None)
+
+    def _nothing_left(self) -> bool:
+        with self._guard:  # re-read under the guard: a job saved just now is seen here
+            if any(j["status"] == "active" for j in self.store.jobs()):
+                return False
+            self.exiting = True
+            return True
+
+
+atexit.register(Scheduler.stop_all)
 
 
 # --- output routing: whatever a job thread prints goes to the jobs log, not a cell ----------

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import duckdb
@@ -59,6 +60,8 @@ def test_job_retrains_on_new_rows_only_and_skips_when_nothing_is_new(ip, store_d
     finally:
         ip.run_line_magic("nbc", "job prices --stop")
     assert Store(store_dir).jobs()[0]["status"] == "stopped"
+    # with no active job left the kernel's job thread ends (no thread alive at interpreter exit)
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("nbcustom-jobs")], timeout=30)
 
 
 def test_failed_run_is_recorded_and_the_next_still_happens(ip, store_dir):
