@@ -61,6 +61,7 @@ def test_quickstart_through_papermill_with_changed_parameters(tmp_path, monkeypa
     assert "<table" in built and "unchanged" in built  # the refresh table and chart
     answers = cell(nb, "%%rag handbook --ask").outputs[-1].data
     assert "QF-7781" in answers["text/plain"] and "<th>snippet</th>" in answers["text/html"]
+    assert "image/png" in answers and "data:image/png;base64," in answers["text/html"]  # the score chart
     assert "prediction" in cell(nb, "%%predict product_line").outputs[-1].data["text/plain"]
     assert "house_prices" in cell(nb, "%nbc list").outputs[-1].data["text/plain"]
 

@@ -227,6 +227,10 @@ def test_answers_render_as_html_and_text():
     assert answers_text(frame).splitlines() == [
         "Q: Who is the mayor of <Quenville>?", "A: Talia Brennick", "  [1] 2 (0.7123) Talia Brennick is the mayor",
     ]
+    from nbcustom.display.answers import scores_chart
+
+    assert scores_chart(frame).startswith(b"\x89PNG")
+    assert scores_chart(frame.assign(sources=[[]])) is None
 
 
 def test_long_rows_are_split_into_chunks_that_cite_their_row(ip, store_dir):

@@ -47,8 +47,28 @@ def answers_text(frame) -> str:
     return "\n\n".join(blocks)
 
 
+def scores_chart(frame) -> bytes | None:
+    """The retrieval score of every source, per question, as a PNG bar chart."""
+    from .charts import bar_chart
+
+    scores = {
+        f"Q{q} [{n}] {source.get('id')}": float(source["score"])
+        for q, row in enumerate(frame.to_dict("records"), 1)
+        for n, source in enumerate(_sources(row), 1)
+        if source.get("score") is not None
+    }
+    return bar_chart(scores, "retrieval score of each source", "cosine similarity") if scores else None
+
+
 def show_answers(frame) -> None:
-    """Display the answers as one output with text/html and text/plain."""
+    """Display the answers as one output: text/html (with the score chart), PNG, text/plain."""
     from IPython.display import display
 
-    display({"text/html": answers_html(frame), "text/plain": answers_text(frame)}, raw=True)
+    from .render import png_html
+
+    bundle = {"text/html": answers_html(frame), "text/plain": answers_text(frame)}
+    png = scores_chart(frame)
+    if png:
+        bundle["image/png"] = png
+        bundle["text/html"] += png_html(png, "retrieval scores")
+    display(bundle, raw=True)
