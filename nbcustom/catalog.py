@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shlex
 
-from .display.render import Summary
+from .display.render import Summary, metric_rows
 from .errors import NbCustomError
 from .store import Store, parse_ref, parse_version
 
@@ -86,11 +86,7 @@ def compare(store: Store, name: str, v1: str, v2: str):
 
     a, b = store.get(name, parse_version(v1), verify=False), store.get(name, parse_version(v2), verify=False)
     ma, mb = a.manifest.get("metrics", {}).get("after", {}), b.manifest.get("metrics", {}).get("after", {})
-    rows = []
-    for key in dict.fromkeys([*ma, *mb]):
-        x, y = ma.get(key), mb.get(key)
-        delta = y - x if all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in (x, y)) else None
-        rows.append({"metric": key, f"v{a.version}": x, f"v{b.version}": y, "delta": delta})
+    rows = [{"metric": key, f"v{a.version}": x, f"v{b.version}": y, "delta": delta} for key, x, y, delta in metric_rows(ma, mb)]
     for key in ("read", "trained", "held_out"):
         ca, cb = a.manifest.get("counts", {}).get(key), b.manifest.get("counts", {}).get(key)
         if ca is not None or cb is not None:

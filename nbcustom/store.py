@@ -154,8 +154,8 @@ class Store:
             finally:
                 con.close()
 
-    def _rows(self, sql: str, params: list | None = None) -> list[dict]:
-        with self._catalog() as con:
+    def _rows(self, sql: str, params: list | None = None, write: bool = False) -> list[dict]:
+        with self._catalog(write=write) as con:
             if con is None:
                 return []
             cur = con.execute(sql, params or [])
@@ -377,10 +377,7 @@ class Store:
         """Every scheduled job (see ``nbcustom.jobs``)."""
         if not (self.root / "catalog.duckdb").exists():
             return []
-        with self._catalog(write=True) as con:  # write: creates the jobs table in old catalogs
-            cur = con.execute("SELECT * FROM jobs ORDER BY name")
-            cols = [d[0] for d in cur.description]
-            rows = [dict(zip(cols, row)) for row in cur.fetchall()]
+        rows = self._rows("SELECT * FROM jobs ORDER BY name", write=True)  # write: creates the table in old catalogs
         for row in rows:
             row["last_value"] = json.loads(row["last_value"]) if row["last_value"] else None
         return rows

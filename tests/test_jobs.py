@@ -35,12 +35,17 @@ def job_runs(store):
     return [r for r in reversed(store.runs("prices", limit=100)) if r["magic"] == "job"]
 
 
-def test_job_retrains_on_new_rows_only_and_skips_when_nothing_is_new(ip, store_dir):
+def retrain_with_job(ip, store_dir, table: str, n: int):
+    """Version 1 of `prices` from a fresh table, then a job every second tracking `id`."""
     con = duckdb.default_connection()
-    con.execute(SALES.format(table="job_sales", n=120))
-    ip.run_cell("%%retrain prices --target price --time-limit 5\nSELECT * FROM job_sales")
-    store = Store(store_dir)
+    con.execute(SALES.format(table=table, n=n))
+    ip.run_cell(f"%%retrain prices --target price --time-limit 5\nSELECT * FROM {table}")
     ip.run_line_magic("nbc", "job prices --every 1s --track id")
+    return con, Store(store_dir)
+
+
+def test_job_retrains_on_new_rows_only_and_skips_when_nothing_is_new(ip, store_dir):
+    con, store = retrain_with_job(ip, store_dir, "job_sales", 120)
     try:
         first = wait_for(lambda: job_runs(store))
         assert first[0]["status"] == "nothing new" and first[0]["version"] is None
@@ -65,11 +70,7 @@ def test_job_retrains_on_new_rows_only_and_skips_when_nothing_is_new(ip, store_d
 
 
 def test_failed_run_is_recorded_and_the_next_still_happens(ip, store_dir):
-    con = duckdb.default_connection()
-    con.execute(SALES.format(table="fragile_sales", n=100))
-    ip.run_cell("%%retrain prices --target price --time-limit 5\nSELECT * FROM fragile_sales")
-    store = Store(store_dir)
-    ip.run_line_magic("nbc", "job prices --every 1s --track id")
+    con, store = retrain_with_job(ip, store_dir, "fragile_sales", 100)
     try:
         con.execute("DROP TABLE fragile_sales")
         runs = wait_for(lambda: (lambda r: r if len(r) >= 2 else None)(job_runs(store)))
