@@ -86,26 +86,21 @@ def test_default_system_message_and_system_column():
     assert "Be brief." in tokenizer.decode(first.ids) and "Fallback." in tokenizer.decode(second.ids)
 
 
-def test_split_is_fixed_by_seed_and_batches_group_similar_lengths():
+def test_split_is_fixed_by_seed_and_batches_cover_every_example_once_per_epoch():
     assert llm_data.split(50, 0.2, 0) == llm_data.split(50, 0.2, 0)
     train, held = llm_data.split(50, 0.2, 0)
     assert len(held) == 10 and not set(train) & set(held) and len(train) + len(held) == 50
     assert llm_data.split(50, 0.2, 1) != (train, held)
-    lengths = list(range(100, 0, -1))
-    batches = llm_data.batches(lengths, 8, seed=0, epoch=0)
-    assert sorted(i for b in batches for i in b) == list(range(100))
-    assert max(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches) <= 7
-    assert len(llm_data.schedule(lengths, 8, epochs=2, max_steps=None, seed=0)) == 26
-    assert len(llm_data.schedule(lengths, 8, epochs=2, max_steps=5, seed=0)) == 5
+    batches = llm_data.batches(100, 8, seed=0, epoch=0)
+    assert sorted(i for b in batches for i in b) == list(range(100)) and max(map(len, batches)) == 8
+    assert batches != llm_data.batches(100, 8, seed=0, epoch=1)
+    assert len(llm_data.schedule(100, 8, epochs=2, max_steps=None, seed=0)) == 26
+    assert len(llm_data.schedule(100, 8, epochs=2, max_steps=5, seed=0)) == 5
 
 
-def test_padding_sides():
+def test_generation_prompts_are_left_padded():
     import torch
 
-    ex = [llm_data.Example(0, "", "", None, [5, 6, 7], [-100, 6, 7]), llm_data.Example(1, "", "", None, [8], [8])]
-    right = llm_data.right_padded(ex, 0, "cpu")
-    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert right["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     left = llm_data.left_padded([[5, 6, 7], [8]], 0, "cpu")
     assert left["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and left["attention_mask"].dtype == torch.long
 

@@ -21,12 +21,15 @@ from pathlib import Path
 
 from .. import models
 from ..errors import NbCustomError
-from . import Outcome, llm_data
+from . import Outcome, llm_data, llm_pack
 from .llm_generate import adapted, generate, lora_config, mean_loss, quiet, score
 
 DEFAULT_BATCH = 8
 WARMUP = 0.06  # fraction of the steps with a rising learning rate
 CHECKPOINTS = 5  # checkpoints per run (and one at each epoch's end)
+# tokens per forward/backward pass; a step's packed rows are split into such micro-batches
+# (CPU: the activations of 512 tokens keep a run of the 135M model well under 4 GB)
+MICRO_BATCH_TOKENS = {"cpu": 512, "cuda": 65536}
 
 
 def train(spec, rows, previous, build, display) -> Outcome:
@@ -59,7 +62,7 @@ def train(spec, rows, previous, build, display) -> Outcome:
     checkpoint = Checkpoint(build.path.parents[1], build.name, _fingerprint(spec, rows, previous, path))
     source = {"adapter_dir": previous.model_dir, "trainable": True} if previous else {"config": lora_config(model, spec.lora_r, spec.lora_alpha)}
     batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
-    steps = llm_data.schedule([len(e) for e in train_set], batch_size, spec.epochs, spec.max_steps, spec.seed)
+    steps = llm_data.schedule(len(train_set), batch_size, spec.epochs, spec.max_steps, spec.seed)
 
     with adapted(model, **source) as peft_model:
         state = checkpoint.load() if spec.resume else None
@@ -108,7 +111,7 @@ def train(spec, rows, previous, build, display) -> Outcome:
 
 
 def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display) -> dict:
-    """AdamW with linear warmup and decay, one length-bucketed batch per step; updates
+    """AdamW with linear warmup and decay, one packed batch per step; updates
     ``state`` (step, losses, tokens) and checkpoints it as it goes."""
     import torch
 
@@ -130,16 +133,14 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     started = time.monotonic()
     for step in range(resumed_from, total):
         model.train()
-        batch = llm_data.right_padded([train_set[i] for i in steps[step]], tokenizer.pad_token_id, device)
-        output = model(**batch)
-        output.loss.backward()
-        loss = output.loss.item()
+        batch = llm_pack.pack([train_set[i] for i in steps[step]], spec.max_length, tokenizer.pad_token_id, device)
+        loss = llm_pack.backward(model, batch, MICRO_BATCH_TOKENS[device.type])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
-        state["step"], state["tokens"] = done, state["tokens"] + int(batch["attention_mask"].sum())
+        state["step"], state["tokens"] = done, state["tokens"] + batch["tokens"]
         state["history"].append((done, loss))
         display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
         if done % per_epoch == 0 or done == total:

@@ -1,4 +1,4 @@
-"""Rows -> chat-formatted token ids, the seeded holdout split and length-bucketed batches.
+"""Rows -> chat-formatted token ids, the seeded holdout split and shuffled batches.
 
 A training example and a generation request use the same chat template: the example's
 token ids are the generation prompt's ids followed by the response's, so the model learns
@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import NbCustomError
+from .llm_pack import IGNORE
 
-IGNORE = -100  # label of tokens that carry no loss (torch's CrossEntropyLoss default)
 MIN_ROWS = 4
 
 
@@ -94,46 +94,25 @@ def split(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[held:]), sorted(order[:held])
 
 
-def batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
-    """One epoch of batches (indices into ``lengths``): shuffled, then grouped so a batch
-    holds examples of similar length (little padding), then the batches shuffled."""
+def batches(count: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """One epoch of batches (indices of the training examples), shuffled by ``seed``;
+    packing (``llm_pack``) makes a batch's length spread cost no padding."""
     import numpy as np
 
-    rng = np.random.default_rng([seed, epoch])
-    order = rng.permutation(len(lengths)).tolist()
-    window = batch_size * 16
-    grouped = []
-    for start in range(0, len(order), window):
-        chunk = sorted(order[start:start + window], key=lambda i: lengths[i])
-        grouped += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [grouped[i] for i in rng.permutation(len(grouped)).tolist()]
+    order = np.random.default_rng([seed, epoch]).permutation(count).tolist()
+    return [order[i:i + batch_size] for i in range(0, count, batch_size)]
 
 
-def schedule(lengths: list[int], batch_size: int, epochs: float, max_steps: int | None, seed: int) -> list[list[int]]:
+def schedule(count: int, batch_size: int, epochs: float, max_steps: int | None, seed: int) -> list[list[int]]:
     """Every step's batch for the whole run: ``max_steps`` if given, else ``epochs`` epochs.
     A resumed run replays the same schedule from its checkpoint step."""
-    per_epoch = math.ceil(len(lengths) / batch_size)
+    per_epoch = math.ceil(count / batch_size)
     total = max_steps or max(1, math.ceil(epochs * per_epoch))
     steps, epoch = [], 0
     while len(steps) < total:
-        steps += batches(lengths, batch_size, seed, epoch)
+        steps += batches(count, batch_size, seed, epoch)
         epoch += 1
     return steps[:total]
-
-
-def right_padded(items: list[Example], pad_id: int, device):
-    """Training batch: input_ids, attention_mask and labels, padded on the right."""
-    import torch
-
-    width = max(len(e) for e in items)
-    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
-    mask = torch.zeros((len(items), width), dtype=torch.long)
-    for row, e in enumerate(items):
-        ids[row, : len(e)] = torch.tensor(e.ids)
-        labels[row, : len(e)] = torch.tensor(e.labels)
-        mask[row, : len(e)] = 1
-    return {"input_ids": ids.to(device), "attention_mask": mask.to(device), "labels": labels.to(device)}
 
 
 def left_padded(sequences: list[list[int]], pad_id: int, device):

@@ -45,7 +45,7 @@ def lora_config(model, r: int, alpha: int):
     from peft import LoraConfig
 
     targets = TARGETS.get(getattr(model.config, "model_type", ""), "all-linear")
-    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
 
 
 @contextlib.contextmanager
@@ -116,21 +116,16 @@ def mean_loss(model, examples: list[llm_data.Example], pad_id: int) -> float:
     """Mean cross-entropy per response token over ``examples``."""
     import torch
 
+    from . import llm_pack
+
     device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
-    ordered = sorted(examples, key=len)
-    for start in range(0, len(ordered), LOSS_BATCH):
-        batch = llm_data.right_padded(ordered[start:start + LOSS_BATCH], pad_id, device)
+    for start in range(0, len(examples), LOSS_BATCH):
+        batch = llm_pack.pack(examples[start:start + LOSS_BATCH], 0, pad_id, device)
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        labels = batch["labels"][:, 1:]
-        loss = torch.nn.functional.cross_entropy(
-            logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-            ignore_index=llm_data.IGNORE, reduction="sum",
-        )
-        total += float(loss)
-        count += int((labels != llm_data.IGNORE).sum())
+            loss, n = llm_pack.causal_lm_loss(model, batch)
+        total, count = total + float(loss) * n, count + n
     return total / max(count, 1)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..errors import NbCustomError
 from ..specs import RagSpec
@@ -22,6 +22,7 @@ SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context
 SYSTEM_ALONE = "Answer the question with a short answer."
 SNIPPET = 200  # characters of a source shown with an answer
 EMBED_BATCH = 64
+SPLIT_BATCH, SPLIT_CHARS = 1000, 1_000_000  # rows (or characters) tokenized together before splitting
 # A refresh reuses vectors only when these options are the same as the previous version's.
 INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
 
@@ -211,18 +212,19 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
 
 def split(frame, spec: RagSpec, embed_model) -> list[dict]:
     """Rows -> chunks with ``SentenceSplitter`` (sizes in the embedding model's tokens)."""
-    from functools import partial
-
     from llama_index.core import Document
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.schema import MetadataMode
 
-    tokenizer = partial(embed_model._model.tokenizer.encode, add_special_tokens=False)
+    tokenizer = _TokenCache(embed_model._model.tokenizer)
     splitter = SentenceSplitter(chunk_size=spec.chunk_size, chunk_overlap=spec.chunk_overlap, tokenizer=tokenizer)
     rows = {row.row_id: row for row in frame.itertuples(index=False)}
     docs = [Document(id_=row.row_id, text=row.text, metadata=row.metadata) for row in rows.values()]
+    nodes = []
     with rag_models.quiet():
-        nodes = splitter.get_nodes_from_documents(docs)
+        for part in _slices(docs):
+            tokenizer.prefill([d.text for d in part])
+            nodes += splitter.get_nodes_from_documents(part)
     chunks, positions = [], {}
     for node in nodes:
         row = rows[node.ref_doc_id]
@@ -237,16 +239,55 @@ def split(frame, spec: RagSpec, embed_model) -> list[dict]:
     return chunks
 
 
+def _slices(docs: list) -> Iterator[list]:
+    """``docs`` in order, at most SPLIT_BATCH rows or about SPLIT_CHARS characters at a time."""
+    part, size = [], 0
+    for doc in docs:
+        if part and (len(part) >= SPLIT_BATCH or size + len(doc.text) > SPLIT_CHARS):
+            yield part
+            part, size = [], 0
+        part.append(doc)
+        size += len(doc.text)
+    if part:
+        yield part
+
+
+class _TokenCache:
+    """The embedding model's tokenizer as the splitter calls it (one text -> token ids, no
+    special tokens), answered from one batched call per slice of rows: each row's text is
+    measured before it is split, and repeated strings (the metadata header) once per slice."""
+
+    def __init__(self, tokenizer):
+        self._tokenizer = tokenizer
+        self._known: dict[str, list[int]] = {}
+
+    def prefill(self, texts: list[str]) -> None:
+        self._known = dict(zip(texts, self._tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else {}
+
+    def __call__(self, text: str) -> list[int]:
+        ids = self._known.get(text)
+        if ids is None:
+            ids = self._known[text] = self._tokenizer.encode(text, add_special_tokens=False)
+        return ids
+
+
 def embed(embed_model, texts: list[str], display):
-    """Embedding vectors of ``texts``, a batch at a time, with progress."""
+    """Embedding vectors of ``texts`` (in their order), a batch at a time, with progress.
+
+    Texts are embedded longest first (by characters, as sentence-transformers sorts within
+    one call), so each batch holds texts of similar length and little compute goes to padding;
+    the rows of the result are put back in the order of ``texts``."""
     import numpy as np
 
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = []
     for start in range(0, len(texts), EMBED_BATCH):
         with rag_models.quiet():
-            out += embed_model.get_text_embedding_batch(texts[start : start + EMBED_BATCH])
+            out += embed_model.get_text_embedding_batch([texts[i] for i in order[start : start + EMBED_BATCH]])
         display.step(min(start + EMBED_BATCH, len(texts)), len(texts))
-    return np.asarray(out, dtype=np.float32)
+    vectors = np.empty((len(texts), len(out[0]) if out else 0), dtype=np.float32)
+    vectors[order] = np.asarray(out, dtype=np.float32)
+    return vectors
 
 
 def _with_kept(train_rows, previous, id_column: str, kept: list[str]):

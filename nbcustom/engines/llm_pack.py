@@ -1,0 +1,158 @@
+"""Packed training batches and a cross-entropy that never holds the whole logits tensor.
+
+Packing: a step's examples are placed first-fit-decreasing into rows of at most
+``capacity`` tokens, so almost no compute goes to padding. Position ids restart at 0 for
+each example; with no attention mask, transformers reads them as packed sequences and masks
+attention block-diagonally (an example never sees its row neighbours). Targets are shifted
+within each example, so no example predicts its neighbour's first token.
+
+Loss: only positions that carry a target go through the LM head, in chunks, and the
+gradient with respect to the hidden states is computed chunk by chunk during the forward
+pass (the head is frozen under LoRA); a (tokens x vocabulary) tensor is never stored.
+
+Torch is the only import, so GPU benchmarks can load this file on its own.
+"""
+
+from __future__ import annotations
+
+import functools
+
+IGNORE = -100  # label of tokens that carry no loss (torch's CrossEntropyLoss default)
+
+
+def pack(items, capacity: int, pad_id: int, device, width: int | None = None) -> dict:
+    """A training batch of ``items`` (each with ``ids`` and ``labels`` lists) packed into rows:
+    ``input_ids``, ``position_ids``, ``targets`` (next-token labels, IGNORE where none),
+    ``used`` (real tokens per row) and ``tokens`` (their sum). Rows are as wide as the
+    fullest row (at most ``capacity``, or the longest item if longer), or ``width`` if given
+    (fixed shapes for compiled models)."""
+    import torch
+
+    capacity = max(capacity, max(len(e.ids) for e in items))
+    rows: list[list] = []  # [used, [items]]
+    for item in sorted(items, key=lambda e: -len(e.ids)):
+        free = next((r for r in rows if r[0] + len(item.ids) <= capacity), None)
+        if free is None:
+            free = [0, []]
+            rows.append(free)
+        free[0] += len(item.ids)
+        free[1].append(item)
+    trim, width = width is None, max(used for used, _ in rows) if width is None else max(width, capacity)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for row, (used, members) in enumerate(rows):
+        start = 0
+        for e in members:
+            n = len(e.ids)
+            ids[row, start:start + n] = torch.tensor(e.ids)
+            positions[row, start:start + n] = torch.arange(n)
+            targets[row, start:start + n - 1] = torch.tensor(e.labels[1:])
+            start += n
+        positions[row, start:] = torch.arange(width - start)  # padding: a sequence of its own
+    return {
+        "input_ids": ids.to(device), "position_ids": positions.to(device), "targets": targets.to(device),
+        "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),
+    }
+
+
+def backward(model, batch: dict, max_tokens: int) -> float:
+    """Backpropagate the batch's mean loss and return it. Rows go through the model in
+    micro-batches of at most ``max_tokens`` tokens (at least one row), each loss weighted
+    by its share of the targets: the same gradient as one pass, with the activation memory
+    of one micro-batch."""
+    total = int((batch["targets"] != IGNORE).sum())
+    loss_sum, start = 0.0, 0
+    while start < len(batch["used"]):
+        stop = start + 1
+        while stop < len(batch["used"]) and (stop + 1 - start) * max(batch["used"][start:stop + 1]) <= max_tokens:
+            stop += 1
+        width = max(batch["used"][start:stop]) if batch["trim"] else batch["input_ids"].shape[1]
+        part = {k: batch[k][start:stop, :width] for k in ("input_ids", "position_ids", "targets")}
+        loss, n = causal_lm_loss(model, part)
+        if n:
+            (loss * (n / total)).backward()
+            loss_sum += loss.item() * n
+        start = stop
+    return loss_sum / max(total, 1)
+
+
+def causal_lm_loss(model, batch: dict, chunk: int | None = None):
+    """(mean cross-entropy over the batch's targets, number of targets) for a packed batch.
+
+    ``model`` is a transformers causal LM, or a PEFT model around one. Models whose logits
+    are more than ``lm_head(hidden)`` (soft-capping, scaling) go through their own forward."""
+    import torch
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body, head = getattr(causal, "model", None), causal.get_output_embeddings()
+    targets = batch["targets"]
+    keep = targets != IGNORE
+    count = int(keep.sum())
+    # no cache: with one, transformers would not read the position ids as packed sequences
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
+        logits = model(**inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep])
+        return loss, count
+    hidden = body(**inputs).last_hidden_state[keep]
+    return linear_cross_entropy(hidden, head.weight, targets[keep], chunk), count
+
+
+def _scales_logits(config) -> bool:
+    text = getattr(config, "text_config", None) or config
+    return any(getattr(text, name, None) not in (None, 1, 1.0) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+
+
+def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
+    """``cross_entropy(hidden @ weight.T, targets)`` (mean) without storing the logits:
+    at most ``chunk`` rows of logits exist at a time."""
+    if chunk is None:
+        # about 256 MB of float32 logits on CPU, 2 GB on a GPU
+        budget = 2**31 if hidden.is_cuda else 2**28
+        chunk = max(64, budget // (4 * weight.shape[0]))
+    return _function().apply(hidden, weight, targets, chunk)
+
+
+@functools.cache
+def _function():
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            n = hidden.shape[0]
+            want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            grad_h = torch.empty_like(hidden) if want_h else None
+            exact = torch.promote_types(hidden.dtype, torch.float32)  # bf16 logits are summed in float32
+            grad_w = torch.zeros(weight.shape, dtype=exact, device=weight.device) if want_w else None
+            total = torch.zeros((), dtype=exact, device=hidden.device)
+            for start in range(0, n, chunk):
+                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                logits = (h @ weight.T).to(exact)
+                lse = logits.logsumexp(-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if want_h or want_w:
+                    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                    probs = probs.to(hidden.dtype)
+                    if want_h:
+                        grad_h[start:start + chunk] = probs @ weight
+                    if want_w:
+                        grad_w += (probs.T @ h).to(exact)
+            scale = 1.0 / max(n, 1)
+            ctx.save_for_backward(
+                grad_h * scale if want_h else None, (grad_w * scale).to(weight.dtype) if want_w else None
+            )
+            return total * scale
+
+        @staticmethod
+        def backward(ctx, grad):
+            grad_h, grad_w = ctx.saved_tensors
+            return (
+                grad_h * grad.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad.to(grad_w.dtype) if grad_w is not None else None,
+                None, None,
+            )
+
+    return LinearCrossEntropy

@@ -1,0 +1,158 @@
+"""Fine-tuning throughput on CPU: ``nbcustom.finetune`` (the ``%%finetune`` path) against
+the plain transformers ``Trainer`` + peft script a user would write, at the same LoRA
+settings, on the same tokenized examples, measured side by side in one run.
+
+    .venv/bin/python tests/benchmarks/bench_finetune_cpu.py [--steps 6] [--batch-size 8]
+
+Figures are real (non-padding) training tokens per second over the training steps. Each
+run is a fresh subprocess (so each loads the model once and its peak RSS is its own).
+Targets (issue 7): ragged data (20-400 tokens per example) at least 1.5x the Trainer;
+uniform-length data at least 1.0x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+WORDS = ("the of and to in is you that it he was for on are as with his they at be this from have or by one had "
+         "not but what all were when we there can an your which their said if do will each about how up out them "
+         "then she many some so these would other into has more her two like him see time could no make than first "
+         "been its who now people my made over did down only way find use may water long little very after words").split()
+SYSTEM = "Answer briefly."
+
+
+def rows(kind: str, n: int, seed: int = 0):
+    """``n`` prompt/response rows whose chat-formatted length is 20-400 tokens (ragged) or
+    about 200 tokens each (uniform)."""
+    import pandas as pd
+
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        words = rng.randint(8, 380) if kind == "ragged" else 185  # plus ~15 tokens of chat template
+        response = max(2, words // 3)
+        out.append({
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(words - response)) + "?",
+            "response": " ".join(rng.choice(WORDS) for _ in range(response)) + ".",
+        })
+    return pd.DataFrame(out)
+
+
+def run_nbcustom(frame, steps: int, batch_size: int) -> dict:
+    import nbcustom
+
+    with tempfile.TemporaryDirectory() as store:
+        version = nbcustom.finetune(
+            "bench", frame, store=store, ui="none", max_steps=steps, batch_size=batch_size, system=SYSTEM,
+            eval_frac=0.02, max_new_tokens=1, device="cpu",
+        )
+        info = version.manifest["llm"]
+        return {"tokens": version.manifest["counts"]["train_tokens"], "seconds": info["train_seconds"]}
+
+
+def run_trainer(frame, steps: int, batch_size: int) -> dict:
+    """The script a user would write: tokenize with the chat template, pad each batch
+    (DataCollatorForSeq2Seq), Trainer with a peft LoRA model; same rank, alpha, dropout,
+    target modules, learning rate and batch size as nbcustom's defaults."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from nbcustom import models
+    from nbcustom.engines import llm_data
+    from nbcustom.engines.llm_generate import TARGETS
+
+    path = models.resolve_llm(None)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS["llama"], task_type="CAUSAL_LM"))
+    examples = [llm_data.encode(tokenizer, llm_data.Example(i, p, r, SYSTEM)) for i, (p, r) in enumerate(zip(frame.prompt, frame.response))]
+    dataset = [{"input_ids": e.ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in examples if len(e) <= 512]
+    counted = {"tokens": 0}
+    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
+
+    def collate(features):
+        batch = collator(features)
+        counted["tokens"] += int(batch["attention_mask"].sum())
+        return batch
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=2e-4,
+            use_cpu=True, report_to=[], save_strategy="no", logging_steps=steps, disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate)
+        started = time.monotonic()
+        trainer.train()
+        seconds = time.monotonic() - started
+    return {"tokens": counted["tokens"], "seconds": seconds}
+
+
+def child(which: str, data: str, n: int, steps: int, batch_size: int) -> None:
+    import nbcustom.engines.llm_generate as generate
+
+    generate.quiet()
+    frame = rows(data, n)
+    result = (run_nbcustom if which == "nbcustom" else run_trainer)(frame, steps, batch_size)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(result))
+
+
+def measure(which: str, data: str, n: int, steps: int, batch_size: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", which, "--data", data, "--rows", str(n), "--steps", str(steps), "--batch-size", str(batch_size)],
+        check=True, capture_output=True, text=True,
+    )
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result["tokens_per_s"] = result["tokens"] / result["seconds"]
+    return result
+
+
+def lengths(data: str, n: int) -> str:
+    from nbcustom import models
+    from nbcustom.engines import llm_data
+
+    tokenizer = models.load_llm(models.resolve_llm(None))[1]
+    frame = rows(data, n)
+    sizes = sorted(len(llm_data.encode(tokenizer, llm_data.Example(i, p, r, SYSTEM))) for i, (p, r) in enumerate(zip(frame.prompt, frame.response)))
+    return f"{len(sizes)} examples, {sizes[0]}-{sizes[-1]} tokens (median {sizes[len(sizes) // 2]})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--rows", type=int, default=120)
+    parser.add_argument("--data", choices=("ragged", "uniform"), nargs="*", default=["ragged", "uniform"])
+    parser.add_argument("--child", choices=("nbcustom", "trainer"))
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child, args.data[0] if isinstance(args.data, list) else args.data, args.rows, args.steps, args.batch_size)
+    import torch
+
+    print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}")
+    print(f"{args.steps} steps of {args.batch_size} examples, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, float32, SmolLM2-135M-Instruct")
+    targets = {"ragged": 1.5, "uniform": 1.0}
+    verdicts = []
+    for data in args.data:
+        print(f"\n{data}: {lengths(data, args.rows)}")
+        got = {which: measure(which, data, args.rows, args.steps, args.batch_size) for which in ("trainer", "nbcustom")}
+        for which, r in got.items():
+            print(f"  {which:9s} {r['tokens']:6d} real tokens in {r['seconds']:6.1f}s = {r['tokens_per_s']:6.1f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+        ratio = got["nbcustom"]["tokens_per_s"] / got["trainer"]["tokens_per_s"]
+        ok = ratio >= targets[data]
+        verdicts.append(ok)
+        print(f"  speedup {ratio:.2f}x (target >= {targets[data]}x): {'PASS' if ok else 'FAIL'}")
+    sys.exit(0 if all(verdicts) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Packing and the chunked LM-head loss give what the plain padded computation gives.
+
+The speed of ``%%finetune`` comes from these two mechanisms (tests/benchmarks/
+bench_finetune_cpu.py measures it); here they are checked for correctness on the real
+SmolLM2 with a LoRA adapter, in float32 on CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nbcustom import models
+from nbcustom.engines import llm_data, llm_pack
+from nbcustom.engines.llm_generate import adapted, lora_config
+
+
+def _examples(lengths=(3, 40, 9, 25, 1)):
+    _, tokenizer = models.load_llm(models.resolve_llm(None))
+    found = []
+    for i, n in enumerate(lengths):
+        prompt = " ".join(["word"] * n) + f" number {i}?"
+        response = " ".join(["answer"] * (n % 7 + 1))
+        found.append(llm_data.encode(tokenizer, llm_data.Example(i, prompt, response, "Be brief.")))
+    return found
+
+
+def _padded(items, pad_id):
+    """The batch a plain transformers script trains on: right-padded ids, mask and labels."""
+    import torch
+
+    width = max(len(e) for e in items)
+    ids = torch.full((len(items), width), pad_id)
+    labels = torch.full((len(items), width), -100)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, e in enumerate(items):
+        ids[row, : len(e)], labels[row, : len(e)], mask[row, : len(e)] = torch.tensor(e.ids), torch.tensor(e.labels), 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_linear_cross_entropy_matches_full_logits_in_loss_and_gradients():
+    import torch
+
+    torch.manual_seed(0)
+    hidden = torch.randn(50, 16, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(100, 16, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 100, (50,))
+    full = torch.nn.functional.cross_entropy(hidden @ weight.T, targets)
+    full_grads = torch.autograd.grad(full, (hidden, weight))
+    chunked = llm_pack.linear_cross_entropy(hidden, weight, targets, chunk=7)  # 8 chunks, the last short
+    grads = torch.autograd.grad(chunked * 3.0, (hidden, weight))
+    assert torch.allclose(chunked, full, rtol=1e-10)
+    assert torch.allclose(grads[0], 3.0 * full_grads[0], atol=1e-10)
+    assert torch.allclose(grads[1], 3.0 * full_grads[1], atol=1e-10)
+    with torch.no_grad():  # evaluation computes no gradients
+        assert torch.allclose(llm_pack.linear_cross_entropy(hidden, weight, targets, chunk=64), full)
+
+
+def test_pack_places_every_example_once_with_restarting_positions_and_shifted_targets():
+    items = [llm_data.Example(i, "", "", None, list(range(10 * i, 10 * i + n)), [-100] * 2 + list(range(10 * i + 2, 10 * i + n))) for i, n in enumerate([6, 3, 5, 2, 4])]
+    batch = llm_pack.pack(items, capacity=8, pad_id=-1, device="cpu")
+    ids, positions, targets = (batch[k].tolist() for k in ("input_ids", "position_ids", "targets"))
+    assert batch["tokens"] == 20 and len(ids) == 3 and max(len(r) for r in ids) <= 8  # 20 tokens need 3 rows of 8
+    placed = sorted(tuple(r[s:s + len(e.ids)]) for r in ids for e in items for s in range(len(r)) if r[s:s + len(e.ids)] == e.ids)
+    assert placed == sorted(tuple(e.ids) for e in items)
+    for row_ids, row_pos, row_targets in zip(ids, positions, targets):
+        for s, token in enumerate(row_ids):
+            if token == -1:  # padding carries no loss
+                assert row_targets[s] == -100
+                continue
+            e = next(e for e in items if token in e.ids)
+            k = e.ids.index(token)
+            assert row_pos[s] == k  # positions restart at 0 in each example
+            assert row_targets[s] == (e.labels[k + 1] if k + 1 < len(e.ids) else -100)  # never the neighbour's token
+
+
+def test_packed_examples_do_not_attend_across_each_other():
+    import torch
+
+    model, tokenizer = models.load_llm(models.resolve_llm(None))
+    first, second = _examples((12, 30))
+    changed = llm_data.Example(0, "", "", None, [t + 1 for t in first.ids], first.labels)
+
+    def hidden_of(items, capacity):
+        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id, "cpu")
+        with torch.no_grad():
+            out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
+        return batch, out
+
+    batch, together = hidden_of([first, second], capacity=200)
+    assert batch["input_ids"].shape[0] == 1  # both in one row: the longer first
+    _, alone = hidden_of([second], capacity=200)
+    _, neighbour_changed = hidden_of([changed, second], capacity=200)
+    n = len(second.ids)
+    assert torch.allclose(together[0, :n], alone[0, :n], atol=1e-4)
+    assert torch.allclose(neighbour_changed[0, :n], together[0, :n], atol=1e-5)
+    # and the first example, placed after the second, sees only itself
+    _, first_alone = hidden_of([first], capacity=200)
+    assert torch.allclose(together[0, n:n + len(first.ids)], first_alone[0, : len(first.ids)], atol=1e-4)
+
+
+@pytest.mark.parametrize("capacity", [64, 512])  # several rows / one row
+def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
+    import torch
+
+    model, tokenizer = models.load_llm(models.resolve_llm(None))
+    items = _examples()
+    torch.manual_seed(0)
+    with adapted(model, config=lora_config(model, 8, 16)) as peft_model:
+        peft_model.eval()  # no dropout: both computations see the same weights
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # a non-zero adapter, so its gradients are not trivial
+                torch.nn.init.normal_(p, std=0.02)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+
+        padded = _padded(items, tokenizer.pad_token_id)
+        reference = peft_model(**padded).loss  # transformers' own loss on a padded batch
+        reference_grads = torch.autograd.grad(reference, params)
+
+        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id, "cpu")
+        loss, count = llm_pack.causal_lm_loss(peft_model, batch, chunk=16)
+        grads = torch.autograd.grad(loss, params)
+        # the training step: one micro-batch per row, gradients accumulated
+        step_loss = llm_pack.backward(peft_model, batch, max_tokens=1)
+        accumulated = [p.grad.clone() for p in params]
+
+    assert count == int((padded["labels"][:, 1:] != -100).sum())
+    assert batch["input_ids"].numel() < padded["input_ids"].numel()  # less padding
+    assert abs(loss.item() - reference.item()) < 1e-4 * reference.item()
+    assert abs(step_loss - reference.item()) < 1e-4 * reference.item()
+    for got, summed, want in zip(grads, accumulated, reference_grads):  # float32 sums in another order: ~1e-4
+        assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-3
+        assert (summed - want).norm() / want.norm() < 1e-3

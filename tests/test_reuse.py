@@ -1,0 +1,92 @@
+"""What the performance work relies on (tests/benchmarks/bench_model_reuse.py and
+bench_rag.py): the base LLM is loaded from disk once per process, and the RAG build's
+batched tokenization and length-sorted embedding give the same chunks and vectors as
+splitting and embedding one row at a time in order."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from nbcustom import models
+from nbcustom.specs import RagSpec
+
+
+def test_a_second_load_llm_returns_the_same_objects_without_reading_the_disk(monkeypatch):
+    path = models.resolve_llm(None)
+    model, tokenizer = models.load_llm(path)
+    loads = models.LOADS["count"]
+
+    import transformers
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the base model was read from disk again")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_disk)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_disk)
+    again, again_tokenizer = models.load_llm(models.resolve_llm(None))
+    assert again is model and again_tokenizer is tokenizer
+    assert models.LOADS["count"] == loads
+    assert tokenizer.pad_token is not None and not model.training
+
+
+@pytest.fixture(scope="module")
+def embed_model():
+    from nbcustom.engines import rag, rag_models
+
+    return rag_models.embedder(models.resolve_embedding(None), rag.EMBED_BATCH)
+
+
+def _rows() -> pd.DataFrame:
+    long = " ".join(f"Sentence {i} is about locker {i} and the parcel kept in it, which was checked twice." for i in range(120))
+    texts = [f"Row {i}: the courier left parcel {i} at the {('north', 'south')[i % 2]} gate." + " More." * (i % 7) for i in range(40)]
+    texts[3], texts[17] = long, "  spaced   out \n\n over lines  "
+    return pd.DataFrame({"id": range(40), "text": texts, "topic": [("billing", "lockers", "staff")[i % 3] for i in range(40)]})
+
+
+def test_split_with_batched_tokens_gives_the_chunks_of_a_plain_sentence_splitter(embed_model, monkeypatch):
+    from llama_index.core import Document
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import MetadataMode
+
+    from nbcustom.engines import rag, rag_models
+
+    monkeypatch.setattr(rag, "SPLIT_BATCH", 16)  # several slices, each tokenized at once
+    monkeypatch.setattr(rag, "SPLIT_CHARS", 3000)  # the long row ends a slice early
+    for options in ({"metadata": "topic", "chunk_size": 64, "chunk_overlap": 8}, {}):
+        spec = RagSpec.from_options(**options)
+        frame, _ = rag.documents(spec, _rows())
+        chunks = rag.split(frame, spec, embed_model)
+
+        tokenizer = partial(embed_model._model.tokenizer.encode, add_special_tokens=False)
+        splitter = SentenceSplitter(chunk_size=spec.chunk_size, chunk_overlap=spec.chunk_overlap, tokenizer=tokenizer)
+        docs = [Document(id_=r.row_id, text=r.text, metadata=r.metadata) for r in frame.itertuples(index=False)]
+        with rag_models.quiet():
+            nodes = splitter.get_nodes_from_documents(docs)
+        assert [(c["row_id"], c["text"], c["embed_text"]) for c in chunks] == [
+            (n.ref_doc_id, n.text, n.get_content(metadata_mode=MetadataMode.EMBED)) for n in nodes
+        ]
+        assert [c["chunk_id"] for c in chunks if c["row_id"] == "3"][:2] == ["3#0", "3#1"]  # the long row is split
+
+
+def test_length_sorted_embedding_keeps_each_vector_with_its_text(embed_model):
+    from nbcustom.engines import rag
+
+    class Steps:
+        def __init__(self):
+            self.seen = []
+
+        def step(self, done, total):
+            self.seen.append((done, total))
+
+    texts = list(_rows()["text"])[:20] + ["short", "a much longer text about lockers, parcels, couriers and gates " * 4]
+    steps = Steps()
+    vectors = rag.embed(embed_model, texts, steps)
+    one_by_one = np.asarray([embed_model.get_text_embedding(t) for t in texts], dtype=np.float32)
+    assert vectors.shape == one_by_one.shape and vectors.dtype == np.float32
+    assert np.abs(vectors - one_by_one).max() < 1e-4
+    assert steps.seen[-1] == (len(texts), len(texts))
+    assert rag.embed(embed_model, [], steps).shape[0] == 0
