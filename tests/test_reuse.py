@@ -90,3 +90,22 @@ def test_length_sorted_embedding_keeps_each_vector_with_its_text(embed_model):
     assert np.abs(vectors - one_by_one).max() < 1e-4
     assert steps.seen[-1] == (len(texts), len(texts))
     assert rag.embed(embed_model, [], steps).shape[0] == 0
+
+
+def test_vector_search_ranks_like_a_plain_matrix_product(tmp_path):
+    from nbcustom.engines import rag_store
+
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 16)).astype(np.float32)
+    chunks = [{"chunk_id": f"{i}#0", "row_id": str(i), "position": 0, "hash": "h", "text": f"t{i}", "metadata": {}} for i in range(500)]
+    con = rag_store.create(tmp_path / rag_store.FILE, 16)
+    rag_store.insert(con, chunks, vectors)
+    rag_store.close(con)
+    index = rag_store.Vectors(tmp_path / rag_store.FILE)
+    for _ in range(5):
+        query = rng.standard_normal(16)
+        expected = index.matrix @ (query / np.linalg.norm(query)).astype(np.float32)
+        hits = index.search(query, 5)
+        assert [i for i, _ in hits] == list(np.argsort(-expected, kind="stable")[:5])
+        assert np.allclose([s for _, s in hits], np.sort(expected)[::-1][:5], atol=1e-6)
+    assert len(index.search(query, 1000)) == 500 and index.search(query, 0) == []

@@ -4,7 +4,10 @@
 folder, each time), measured side by side in fresh processes. Not collected by pytest; run
 it by hand (about 2-3 minutes on 2 CPU cores):
 
-    .venv/bin/python tests/benchmarks/bench_model_reuse.py [--repeat 2] [--no-finetune]
+    .venv/bin/python tests/benchmarks/bench_model_reuse.py [--repeat 2] [--no-finetune] [--fresh-cache]
+
+``--fresh-cache`` points ``NBCUSTOM_CACHE`` at an empty temporary folder first, so the
+one-time GGUF conversion is measured too (and the later loads read the folder it wrote).
 
 Targets (issue 7):
   (a) a second ``%%finetune`` / ``%%predict`` on the same base model in one kernel adds under
@@ -137,6 +140,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=2, help="fresh-process pairs (nbcustom, plain); medians count")
     parser.add_argument("--no-finetune", action="store_true", help="skip the two real nbcustom.finetune runs")
+    parser.add_argument("--fresh-cache", action="store_true", help="convert the GGUF again into a temporary cache (timed)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--path", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -146,8 +150,12 @@ def main() -> None:
         return
 
     import statistics
+    import tempfile
 
     os.environ.update(ENV)
+    if args.fresh_cache:
+        scratch = tempfile.TemporaryDirectory()
+        os.environ["NBCUSTOM_CACHE"] = scratch.name  # the children inherit it
     from nbcustom import models
 
     converted = (models.cache_dir() / "models" / models.DEFAULT_LLM / "config.json").exists()
@@ -156,7 +164,7 @@ def main() -> None:
     resolve_s = time.perf_counter() - started
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print(f"base model: {path} ({'converted earlier' if converted else f'one-time GGUF conversion just now: {resolve_s:.1f}s'})")
+    print(f"base model: {path} ({'converted earlier' if converted else f'one-time GGUF conversion just now into a fresh cache: {resolve_s:.1f}s, torch and transformers imports included'})")
 
     rows = {"nbcustom": [], "plain": []}
     for run in range(args.repeat):
