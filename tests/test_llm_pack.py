@@ -57,7 +57,7 @@ def test_linear_cross_entropy_matches_full_logits_in_loss_and_gradients():
 
 def test_pack_places_every_example_once_with_restarting_positions_and_shifted_targets():
     items = [llm_data.Example(i, "", "", None, list(range(10 * i, 10 * i + n)), [-100] * 2 + list(range(10 * i + 2, 10 * i + n))) for i, n in enumerate([6, 3, 5, 2, 4])]
-    batch = llm_pack.pack(items, capacity=8, pad_id=-1, device="cpu")
+    batch = llm_pack.pack(items, capacity=8, pad_id=-1)
     ids, positions, targets = (batch[k].tolist() for k in ("input_ids", "position_ids", "targets"))
     assert batch["tokens"] == 20 and len(ids) == 3 and max(len(r) for r in ids) <= 8  # 20 tokens need 3 rows of 8
     placed = sorted(tuple(r[s:s + len(e.ids)]) for r in ids for e in items for s in range(len(r)) if r[s:s + len(e.ids)] == e.ids)
@@ -81,7 +81,7 @@ def test_packed_examples_do_not_attend_across_each_other():
     changed = llm_data.Example(0, "", "", None, [t + 1 for t in first.ids], first.labels)
 
     def hidden_of(items, capacity):
-        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id, "cpu")
+        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id)
         with torch.no_grad():
             out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
         return batch, out
@@ -116,11 +116,11 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
         reference = peft_model(**padded).loss  # transformers' own loss on a padded batch
         reference_grads = torch.autograd.grad(reference, params)
 
-        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id, "cpu")
+        batch = llm_pack.pack(items, capacity, tokenizer.pad_token_id)
         loss, count = llm_pack.causal_lm_loss(peft_model, batch, chunk=16)
         grads = torch.autograd.grad(loss, params)
         # the training step: one micro-batch per row, gradients accumulated
-        step_loss = llm_pack.backward(peft_model, batch, max_tokens=1)
+        step_loss = llm_pack.backward(peft_model, batch, max_tokens=1).item()
         accumulated = [p.grad.clone() for p in params]
 
     assert count == int((padded["labels"][:, 1:] != -100).sum())

@@ -131,16 +131,22 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     device = next(model.parameters()).device
     display.phase("training")
     started = time.monotonic()
+
+    def packed(step):
+        return llm_pack.pack([train_set[i] for i in steps[step]], spec.max_length, tokenizer.pad_token_id)
+
+    batch = packed(resumed_from) if resumed_from < total else None
     for step in range(resumed_from, total):
         model.train()
-        batch = llm_pack.pack([train_set[i] for i in steps[step]], spec.max_length, tokenizer.pad_token_id, device)
         loss = llm_pack.backward(model, batch, MICRO_BATCH_TOKENS[device.type])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
-        state["step"], state["tokens"] = done, state["tokens"] + batch["tokens"]
+        done, tokens = step + 1, batch["tokens"]
+        batch = packed(done) if done < total else None  # while a GPU still works on this step
+        loss = loss.item()
+        state["step"], state["tokens"] = done, state["tokens"] + tokens
         state["history"].append((done, loss))
         display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
         if done % per_epoch == 0 or done == total:

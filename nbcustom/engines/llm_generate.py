@@ -118,11 +118,10 @@ def mean_loss(model, examples: list[llm_data.Example], pad_id: int) -> float:
 
     from . import llm_pack
 
-    device = next(model.parameters()).device
     total, count = 0.0, 0
     model.eval()
     for start in range(0, len(examples), LOSS_BATCH):
-        batch = llm_pack.pack(examples[start:start + LOSS_BATCH], 0, pad_id, device)
+        batch = llm_pack.pack(examples[start:start + LOSS_BATCH], 0, pad_id)
         with torch.no_grad():
             loss, n = llm_pack.causal_lm_loss(model, batch)
         total, count = total + float(loss) * n, count + n

@@ -15,17 +15,20 @@ Torch is the only import, so GPU benchmarks can load this file on its own.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 IGNORE = -100  # label of tokens that carry no loss (torch's CrossEntropyLoss default)
+AUTOCAST = True  # on a GPU with half-precision weights (benchmarks turn it off to compare)
 
 
-def pack(items, capacity: int, pad_id: int, device, width: int | None = None) -> dict:
-    """A training batch of ``items`` (each with ``ids`` and ``labels`` lists) packed into rows:
-    ``input_ids``, ``position_ids``, ``targets`` (next-token labels, IGNORE where none),
-    ``used`` (real tokens per row) and ``tokens`` (their sum). Rows are as wide as the
-    fullest row (at most ``capacity``, or the longest item if longer), or ``width`` if given
-    (fixed shapes for compiled models)."""
+def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
+    """A training batch of ``items`` (each with ``ids`` and ``labels`` lists) packed into rows,
+    as CPU tensors: ``input_ids``, ``position_ids``, ``targets`` (next-token labels, IGNORE
+    where none), ``used`` (real tokens per row) and ``tokens`` (their sum). Rows are as wide
+    as the fullest row (at most ``capacity``, or the longest item if longer), or ``width``
+    if given (fixed shapes for compiled models)."""
+    import numpy as np
     import torch
 
     capacity = max(capacity, max(len(e.ids) for e in items))
@@ -38,29 +41,29 @@ def pack(items, capacity: int, pad_id: int, device, width: int | None = None) ->
         free[0] += len(item.ids)
         free[1].append(item)
     trim, width = width is None, max(used for used, _ in rows) if width is None else max(width, capacity)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    positions = torch.zeros((len(rows), width), dtype=torch.long)
-    targets = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
     for row, (used, members) in enumerate(rows):
         start = 0
         for e in members:
             n = len(e.ids)
-            ids[row, start:start + n] = torch.tensor(e.ids)
-            positions[row, start:start + n] = torch.arange(n)
-            targets[row, start:start + n - 1] = torch.tensor(e.labels[1:])
+            ids[row, start:start + n] = e.ids
+            positions[row, start:start + n] = np.arange(n)
+            targets[row, start:start + n - 1] = e.labels[1:]
             start += n
-        positions[row, start:] = torch.arange(width - start)  # padding: a sequence of its own
+        positions[row, start:] = np.arange(width - start)  # padding: a sequence of its own
     return {
-        "input_ids": ids.to(device), "position_ids": positions.to(device), "targets": targets.to(device),
+        "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions), "targets": torch.from_numpy(targets),
         "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),
     }
 
 
-def backward(model, batch: dict, max_tokens: int) -> float:
-    """Backpropagate the batch's mean loss and return it. Rows go through the model in
-    micro-batches of at most ``max_tokens`` tokens (at least one row), each loss weighted
-    by its share of the targets: the same gradient as one pass, with the activation memory
-    of one micro-batch."""
+def backward(model, batch: dict, max_tokens: int):
+    """Backpropagate the batch's mean loss and return it (a tensor: reading it waits for
+    the device). Rows go through the model in micro-batches of at most ``max_tokens``
+    tokens (at least one row), each loss weighted by its share of the targets: the same
+    gradient as one pass, with the activation memory of one micro-batch."""
     total = int((batch["targets"] != IGNORE).sum())
     loss_sum, start = 0.0, 0
     while start < len(batch["used"]):
@@ -72,13 +75,14 @@ def backward(model, batch: dict, max_tokens: int) -> float:
         loss, n = causal_lm_loss(model, part)
         if n:
             (loss * (n / total)).backward()
-            loss_sum += loss.item() * n
+            loss_sum = loss_sum + loss.detach() * n
         start = stop
     return loss_sum / max(total, 1)
 
 
 def causal_lm_loss(model, batch: dict, chunk: int | None = None):
-    """(mean cross-entropy over the batch's targets, number of targets) for a packed batch.
+    """(mean cross-entropy over the batch's targets, number of targets) for a packed batch
+    on the CPU; it is moved to the model's device here.
 
     ``model`` is a transformers causal LM, or a PEFT model around one. Models whose logits
     are more than ``lm_head(hidden)`` (soft-capping, scaling) go through their own forward."""
@@ -86,17 +90,31 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
     body, head = getattr(causal, "model", None), causal.get_output_embeddings()
-    targets = batch["targets"]
-    keep = targets != IGNORE
-    count = int(keep.sum())
+    device = head.weight.device
+    # which positions carry a target, found on the CPU: no device sync
+    keep = (batch["targets"] != IGNORE).flatten().nonzero().squeeze(1)
+    labels = batch["targets"].flatten()[keep].to(device)
+    keep = keep.to(device)
     # no cache: with one, transformers would not read the position ids as packed sequences
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
-        logits = model(**inputs).logits
-        loss = torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep])
-        return loss, count
-    hidden = body(**inputs).last_hidden_state[keep]
-    return linear_cross_entropy(hidden, head.weight, targets[keep], chunk), count
+    inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device), "use_cache": False}
+    # half-precision base weights: compute in that precision, float32 adapter weights included
+    # (otherwise peft casts every adapter's input and output to float32)
+    half = AUTOCAST and device.type == "cuda" and head.weight.dtype in (torch.bfloat16, torch.float16)
+    with torch.autocast(device.type, dtype=head.weight.dtype, enabled=half), _adapter_casts_off(model, half):
+        if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
+            logits = model(**inputs).logits
+            return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep].float(), labels), len(labels)
+        hidden = body(**inputs).last_hidden_state.flatten(0, 1).index_select(0, keep)
+        return linear_cross_entropy(hidden, head.weight, labels, chunk), len(labels)
+
+
+def _adapter_casts_off(model, active: bool):
+    """Under autocast, peft need not cast each adapter's input to the adapter's dtype."""
+    if not (active and hasattr(model, "peft_config")):
+        return contextlib.nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(model)
 
 
 def _scales_logits(config) -> bool:

@@ -3,7 +3,11 @@ loss, optional compiled decoder layers) against a transformers ``Trainer`` + pef
 padded batches, for LoRA r=16 on every linear layer of a SmolLM2-135M-shaped model
 (random weights built from its config: throughput does not depend on the values).
 
-    python tests/benchmarks/bench_finetune_gpu.py [--steps 10] [--variants trainer,eager,compiled,flex]
+    python tests/benchmarks/bench_finetune_gpu.py [--steps 10] [--variants trainer,eager,compiled,flex,flex-noautocast]
+
+Variants: eager (sdpa attention with a block-diagonal mask), compiled (the same with every
+decoder layer compiled), flex (compiled layers and flex attention, which skips the masked
+blocks); -noautocast: without autocast, so peft runs the float32 adapters in float32.
 
 Needs only torch, transformers and peft (it loads nbcustom/engines/llm_pack.py by path,
 so the rest of nbcustom need not be installed on the GPU machine). Prints one line per
@@ -122,11 +126,12 @@ def run_trainer(args) -> dict:
     return {"tokens_per_s": timed / (marks[-1] - marks[1]), "peak_gb": peak_gb(), "tokens_per_step": timed / (len(marks) - 2)}
 
 
-def run_nbcustom(args, compiled: bool, attn: str) -> dict:
+def run_nbcustom(args, compiled: bool, attn: str, autocast: bool = True) -> dict:
     """nbcustom's step: packed fixed-width rows, chunked loss, AdamW over the adapter."""
     import torch
 
     pack = llm_pack()
+    pack.AUTOCAST = autocast
     peft_model = model(attn)
     peft_model.train()
     if compiled:
@@ -146,15 +151,17 @@ def run_nbcustom(args, compiled: bool, attn: str) -> dict:
             size += len(e)
         per_step.append(items)
     times, tokens = [], []
-    for step, items in enumerate(per_step):
-        batch = pack.pack(items, args.width, 0, DEVICE, width=args.width)
-        pack.backward(peft_model, batch, max_tokens=1 << 30)
+    batch = pack.pack(per_step[0], args.width, 0, width=args.width)
+    for step in range(len(per_step)):
+        loss = pack.backward(peft_model, batch, max_tokens=1 << 30)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        sync()
-        times.append(time.perf_counter())
         tokens.append(batch["tokens"])
+        if step + 1 < len(per_step):  # the engine packs the next step while the GPU works
+            batch = pack.pack(per_step[step + 1], args.width, 0, width=args.width)
+        loss.item()
+        times.append(time.perf_counter())
         if step == args.warmup - 1 and DEVICE == "cuda":
             torch.cuda.reset_peak_memory_stats()
     timed = sum(tokens[args.warmup:])
@@ -177,7 +184,7 @@ def check_loss(attn: str) -> float:
     labels = torch.tensor([e.labels + [-100] * (width - len(e)) for e in items], device=DEVICE)
     with torch.no_grad():
         reference = peft_model(input_ids=ids, attention_mask=mask, labels=labels).loss.item()
-        loss, _ = pack.causal_lm_loss(peft_model, pack.pack(items, 1024, 0, DEVICE, width=1024))
+        loss, _ = pack.causal_lm_loss(peft_model, pack.pack(items, 1024, 0, width=1024))
     return abs(loss.item() - reference) / reference
 
 
@@ -188,7 +195,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32)
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--trainer-batch", type=int, default=16)
-    parser.add_argument("--variants", default="trainer,eager,compiled,flex")
+    parser.add_argument("--variants", default="trainer,eager,compiled,flex,flex-noautocast")
     parser.add_argument("--child-timeout", type=int, default=240)
     parser.add_argument("--one")
     args = parser.parse_args()
@@ -199,7 +206,10 @@ def main() -> None:
         elif name.startswith("check-"):
             result = {"relative_loss_difference": check_loss(name[len("check-"):])}
         else:
-            result = run_nbcustom(args, compiled=name in ("compiled", "flex"), attn="flex_attention" if name == "flex" else "sdpa")
+            result = run_nbcustom(
+                args, compiled=name.startswith(("compiled", "flex")), attn="flex_attention" if name.startswith("flex") else "sdpa",
+                autocast=not name.endswith("-noautocast"),
+            )
         print("RESULT " + json.dumps(result))
         return
     import subprocess
