@@ -81,6 +81,7 @@ class FinetuneSpec(Spec):
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
     from_version: int | None = option(None, "continue from this version instead of the active one", type=int, flag="from")
     resume: bool = option(False, "resume an interrupted run from its last checkpoint", type=bool)
+    compile: bool = option(False, "LLM on a GPU: compile the layers and use flex attention (pays off on long runs)", type=bool)
     max_new_tokens: int = option(64, "longest generation when evaluating", type=int)
     time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
 

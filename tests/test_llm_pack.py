@@ -130,3 +130,24 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
     for got, summed, want in zip(grads, accumulated, reference_grads):  # float32 sums in another order: ~1e-4
         assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-3
         assert (summed - want).norm() / want.norm() < 1e-3
+
+
+def test_accelerated_layers_give_the_same_loss_and_are_undone_on_exit():
+    """``%%finetune --compile``: compiled decoder layers (here with torch.compile's
+    ``aot_eager`` backend, which traces like inductor but skips code generation, to stay fast
+    on CPU) give the same loss, and the shared base model is plain again afterwards."""
+    import torch
+
+    model, tokenizer = models.load_llm(models.resolve_llm(None))
+    items = _examples((5, 17))
+    batch = llm_pack.pack(items, 512, tokenizer.pad_token_id)
+    with adapted(model, config=lora_config(model, 8, 16)) as peft_model:
+        peft_model.eval()
+        with torch.no_grad():
+            plain, _ = llm_pack.causal_lm_loss(peft_model, batch)
+            with llm_pack.accelerated(peft_model, None, backend="aot_eager"):
+                assert all(layer._compiled_call_impl is not None for layer in model.model.layers)
+                fast, _ = llm_pack.causal_lm_loss(peft_model, batch)
+    assert abs(fast.item() - plain.item()) < 1e-5 * plain.item()
+    assert all(layer._compiled_call_impl is None for layer in model.model.layers)
+    assert model.config._attn_implementation == "sdpa"

@@ -11,6 +11,7 @@ the store as it was and ``--resume`` continues from the last one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -70,7 +71,9 @@ def train(spec, rows, previous, build, display) -> Outcome:
             checkpoint.clear()
             before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before")
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
-        run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
+        fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
+        with fast:
+            run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
         after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after")
         display.phase("saving")
         peft_model.save_pretrained(build.model_dir)
@@ -91,7 +94,8 @@ def train(spec, rows, previous, build, display) -> Outcome:
         notes.append(f"{dropped} example(s) longer than --max-length {spec.max_length} tokens were dropped")
     if run["resumed_from"]:
         notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
-    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}")
+    compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
+    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}{compiled}")
     return Outcome(
         before=state["before"], after=after,
         counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},

@@ -108,6 +108,30 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
         return linear_cross_entropy(hidden, head.weight, labels, chunk), len(labels)
 
 
+@contextlib.contextmanager
+def accelerated(model, attention: str | None = "flex_attention", backend: str = "inductor"):
+    """The model with every decoder layer compiled and, if given, another attention
+    implementation (flex attention skips the blocks that packing masks out; it needs a GPU
+    for training). Undone on exit, so the shared base model generates as before."""
+    import torch
+
+    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = causal.model.layers
+    was = causal.config._attn_implementation
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    if attention:
+        causal.set_attn_implementation(attention)
+    for layer in layers:
+        layer.compile(backend=backend)
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None
+        if attention:
+            causal.set_attn_implementation(was)
+
+
 def _adapter_casts_off(model, active: bool):
     """Under autocast, peft need not cast each adapter's input to the adapter's dtype."""
     if not (active and hasattr(model, "peft_config")):

@@ -132,12 +132,10 @@ def run_nbcustom(args, compiled: bool, attn: str, autocast: bool = True) -> dict
 
     pack = llm_pack()
     pack.AUTOCAST = autocast
-    peft_model = model(attn)
+    peft_model = model()
     peft_model.train()
-    if compiled:
-        torch._dynamo.config.cache_size_limit = 64
-        for layer in peft_model.get_base_model().model.layers:
-            layer.compile()
+    if compiled:  # what %%finetune --compile does
+        pack.accelerated(peft_model, None if attn == "sdpa" else attn).__enter__()
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=DEVICE == "cuda")
     pool = examples(args.rows * 8 * (args.steps + args.warmup), seed=1)
