@@ -137,7 +137,9 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     started = time.monotonic()
 
     def packed(step):
-        return llm_pack.pack([train_set[i] for i in steps[step]], spec.max_length, tokenizer.pad_token_id)
+        # rows as wide as the step's longest example: little padding, and little attention
+        # computed between examples only to be masked out
+        return llm_pack.pack([train_set[i] for i in steps[step]], 0, tokenizer.pad_token_id)
 
     batch = packed(resumed_from) if resumed_from < total else None
     for step in range(resumed_from, total):

@@ -52,7 +52,9 @@ def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
             positions[row, start:start + n] = np.arange(n)
             targets[row, start:start + n - 1] = e.labels[1:]
             start += n
-        positions[row, start:] = np.arange(width - start)  # padding: a sequence of its own
+        # padding continues the last example's positions: nothing attends to it (it comes
+        # last), and a row holding one example needs no mask at all (the fast causal path)
+        positions[row, start:] = np.arange(n, n + width - start)
     return {
         "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions), "targets": torch.from_numpy(targets),
         "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),

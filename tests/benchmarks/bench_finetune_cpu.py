@@ -73,7 +73,7 @@ def run_trainer(frame, steps: int, batch_size: int) -> dict:
     path = models.resolve_llm(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS["llama"], task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS["llama"], task_type="CAUSAL_LM"))
     examples = [llm_data.encode(tokenizer, llm_data.Example(i, p, r, SYSTEM)) for i, (p, r) in enumerate(zip(frame.prompt, frame.response))]
     dataset = [{"input_ids": e.ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in examples if len(e) <= 512]
     counted = {"tokens": 0}

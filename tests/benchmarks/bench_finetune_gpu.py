@@ -19,6 +19,7 @@ an H100.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -134,8 +135,9 @@ def run_nbcustom(args, compiled: bool, attn: str, autocast: bool = True) -> dict
     pack.AUTOCAST = autocast
     peft_model = model()
     peft_model.train()
-    if compiled:  # what %%finetune --compile does
-        pack.accelerated(peft_model, None if attn == "sdpa" else attn).__enter__()
+    if compiled:  # what %%finetune --compile does, for the whole run (a with block in the engine)
+        speedup = contextlib.ExitStack()
+        speedup.enter_context(pack.accelerated(peft_model, None if attn == "sdpa" else attn))
     params = [p for p in peft_model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=2e-4, fused=DEVICE == "cuda")
     pool = examples(args.rows * 8 * (args.steps + args.warmup), seed=1)
