@@ -10,7 +10,7 @@ Loss: only positions that carry a target go through the LM head, in chunks, and 
 gradient with respect to the hidden states is computed chunk by chunk during the forward
 pass (the head is frozen under LoRA); a (tokens x vocabulary) tensor is never stored.
 
-Torch is the only import, so GPU benchmarks can load this file on its own.
+Only torch and numpy are imported, so GPU benchmarks can load this file on its own.
 """
 
 from __future__ import annotations
@@ -118,7 +118,8 @@ def accelerated(model, attention: str | None = "flex_attention", backend: str = 
     import torch
 
     causal = model.get_base_model() if hasattr(model, "get_base_model") else model
-    layers = causal.model.layers
+    body = causal.base_model  # the decoder stack, whatever the architecture calls it
+    layers = list(getattr(body, "layers", None) or getattr(body, "h", None) or [body])
     was = causal.config._attn_implementation
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
     if attention:
