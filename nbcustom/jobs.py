@@ -19,7 +19,6 @@ import datetime as _dt
 import re
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Mapping

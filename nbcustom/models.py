@@ -8,12 +8,16 @@ loads are fast.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import logging
 import os
 import shutil
 import socket
 import uuid
+import warnings
 from pathlib import Path
+from typing import Iterator
 
 from .errors import NbCustomError
 
@@ -92,6 +96,31 @@ def load_llm(path: Path, device: str = "cpu", dtype: str = "float32"):
         _LOADED[key] = (model, tokenizer)
         LOADS["count"] += 1
     return _LOADED[key]
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """No progress bars, warnings or info logs from the model libraries in the cell."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    loggers = [logging.getLogger(n) for n in ("sentence_transformers", "llama_index", "httpx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def _from_hub(repo: str, tried: list[str]) -> Path | None:

@@ -27,7 +27,7 @@ def train(spec, rows, previous, build, display):
         raise NbCustomError(
             f"{previous.name} is a {previous.manifest.get('task')} model; "
             + ("add --timestamp COL" if task == "tabular" else "drop --timestamp")
-            + f" or choose another name"
+            + " or choose another name"
         )
     return _task(task).train(spec, rows, previous, build, display)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from .. import models
 from ..errors import NbCustomError
 from . import Outcome, llm_data, llm_pack
-from .llm_generate import adapted, generate, lora_config, mean_loss, quiet, score
+from .llm_generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
 WARMUP = 0.06  # fraction of the steps with a rising learning rate
@@ -35,6 +35,11 @@ MICRO_BATCH_TOKENS = {"cpu": 512, "cuda": 65536}
 
 def train(spec, rows, previous, build, display) -> Outcome:
     """Fine-tune a LoRA adapter on ``rows``; see the module docstring."""
+    with models.quiet():
+        return _train(spec, rows, previous, build, display)
+
+
+def _train(spec, rows, previous, build, display) -> Outcome:
     import torch
 
     llm_data.check_rows(rows, spec.prompt, spec.response)
@@ -43,7 +48,6 @@ def train(spec, rows, previous, build, display) -> Outcome:
     device, dtype = _device(spec.device)
     # a continued run keeps the previous version's system message unless given a new one
     system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
-    quiet()
     tokenizer = _tokenizer(path)
     every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, system)
     train_at, held_at = llm_data.split(len(rows), spec.eval_frac, spec.seed)
@@ -294,7 +298,6 @@ class Generator:
         return f"Generator({self.version.name}@{self.version.version})"
 
     def _base(self):
-        quiet()
         base = self.version.manifest.get("base", {})
         path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
         device, dtype = _device("auto")
@@ -304,10 +307,11 @@ class Generator:
         """Greedy completions of ``prompts`` (chat template with the version's system message)."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         systems = system if isinstance(system, list) else [system or self.system] * len(prompts)
-        model, tokenizer = self._base()
-        ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-        with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
-            return generate(peft_model, tokenizer, ids, max_new_tokens or self.max_new_tokens)
+        with models.quiet():
+            model, tokenizer = self._base()
+            ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
+            with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
+                return generate(peft_model, tokenizer, ids, max_new_tokens or self.max_new_tokens)
 
     def predict(self, rows, max_new_tokens: int | None = None):
         """``rows`` with a ``prediction`` column generated from the prompt column."""
@@ -324,9 +328,11 @@ class Generator:
 
         from peft import PeftModel
 
-        model, _ = self._base()
-        return PeftModel.from_pretrained(copy.deepcopy(model), self.adapter_dir).merge_and_unload()
+        with models.quiet():
+            model, _ = self._base()
+            return PeftModel.from_pretrained(copy.deepcopy(model), self.adapter_dir).merge_and_unload()
 
     @property
     def tokenizer(self):
-        return self._base()[1]
+        with models.quiet():
+            return self._base()[1]

@@ -29,18 +29,6 @@ TARGETS = {
 }
 
 
-def quiet() -> None:
-    """No library warnings or progress bars in the cell."""
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    with contextlib.suppress(Exception):
-        import huggingface_hub
-
-        huggingface_hub.utils.disable_progress_bars()
-
-
 def lora_config(model, r: int, alpha: int):
     from peft import LoraConfig
 

@@ -8,13 +8,11 @@ hosted API. Heavy imports stay inside functions.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import warnings
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 from .. import models
+from ..models import quiet
 
 # Texts embedded in this process: documents (chunks written to an index) and queries.
 EMBED_CALLS = {"documents": 0, "queries": 0}
@@ -22,31 +20,6 @@ _EMBEDDERS: dict[str, Any] = {}
 _LLMS: dict[str, Any] = {}
 _CLASSES: dict[str, type] = {}
 BATCH = 8  # prompts generated together (left-padded)
-
-
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    """No progress bars, warnings or info logs from the model libraries in the cell."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    loggers = [logging.getLogger(n) for n in ("sentence_transformers", "llama_index", "httpx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
 
 
 def embedder(name: str | None, batch_size: int = 64):

@@ -76,12 +76,12 @@ def run_trainer(frame, steps: int, batch_size: int) -> dict:
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=TARGETS["llama"], task_type="CAUSAL_LM"))
     examples = [llm_data.encode(tokenizer, llm_data.Example(i, p, r, SYSTEM)) for i, (p, r) in enumerate(zip(frame.prompt, frame.response))]
     dataset = [{"input_ids": e.ids, "attention_mask": [1] * len(e), "labels": e.labels} for e in examples if len(e) <= 512]
-    counted = {"tokens": 0}
+    counted = []  # real tokens of each batch, in the order the Trainer draws them
     collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
 
     def collate(features):
         batch = collator(features)
-        counted["tokens"] += int(batch["attention_mask"].sum())
+        counted.append(int(batch["attention_mask"].sum()))
         return batch
 
     with tempfile.TemporaryDirectory() as out:
@@ -93,15 +93,16 @@ def run_trainer(frame, steps: int, batch_size: int) -> dict:
         started = time.monotonic()
         trainer.train()
         seconds = time.monotonic() - started
-    return {"tokens": counted["tokens"], "seconds": seconds}
+    # the data loader prepares a batch ahead: only the first ``steps`` batches were trained on
+    return {"tokens": sum(counted[:steps]), "seconds": seconds}
 
 
 def child(which: str, data: str, n: int, steps: int, batch_size: int) -> None:
-    import nbcustom.engines.llm_generate as generate
+    from nbcustom import models
 
-    generate.quiet()
     frame = rows(data, n)
-    result = (run_nbcustom if which == "nbcustom" else run_trainer)(frame, steps, batch_size)
+    with models.quiet():
+        result = (run_nbcustom if which == "nbcustom" else run_trainer)(frame, steps, batch_size)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     print(json.dumps(result))
 

@@ -25,27 +25,31 @@ LIMIT_GB = 4.0
 
 
 def child(which: str, steps: int) -> None:
-    import nbcustom.engines.llm_generate as generate
+    from nbcustom import models
 
-    generate.quiet()
     frame = cpu.rows("ragged", 120)
-    if which == "trainer":
-        cpu.run_trainer(frame, steps, 8)
-    else:
-        from IPython.core.interactiveshell import InteractiveShell
-
-        shell = InteractiveShell.instance()
-        shell.run_line_magic("load_ext", "nbcustom")
-        with tempfile.TemporaryDirectory() as store:
-            shell.run_line_magic("config", f"NbCustom.store = {store!r}")
-            shell.run_line_magic("config", "NbCustom.ui = 'text'")
-            shell.user_ns["examples"] = frame
-            shell.run_cell_magic("finetune", f'mem --max-steps {steps} --max-new-tokens 16 --system "{cpu.SYSTEM}"', "SELECT * FROM examples")
-            from nbcustom import Store
-
-            if Store(store).get("mem").version != 1:
-                raise SystemExit("the %%finetune cell made no version")
+    with models.quiet():
+        if which == "trainer":
+            cpu.run_trainer(frame, steps, 8)
+        else:
+            finetune_magic(frame, steps)
     print(json.dumps({"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def finetune_magic(frame, steps: int) -> None:
+    from IPython.core.interactiveshell import InteractiveShell
+
+    from nbcustom import Store
+
+    shell = InteractiveShell.instance()
+    shell.run_line_magic("load_ext", "nbcustom")
+    with tempfile.TemporaryDirectory() as store:
+        shell.run_line_magic("config", f"NbCustom.store = {store!r}")
+        shell.run_line_magic("config", "NbCustom.ui = 'text'")
+        shell.user_ns["examples"] = frame
+        shell.run_cell_magic("finetune", f'mem --max-steps {steps} --max-new-tokens 16 --system "{cpu.SYSTEM}"', "SELECT * FROM examples")
+        if Store(store).get("mem").version != 1:
+            raise SystemExit("the %%finetune cell made no version")
 
 
 def main() -> None:

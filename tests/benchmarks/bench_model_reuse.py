@@ -28,7 +28,6 @@ import platform
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
