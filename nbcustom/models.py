@@ -103,9 +103,12 @@ def quiet() -> Iterator[None]:
     """No progress bars, warnings or info logs from the model libraries in the cell."""
     from transformers.utils import logging as hf_logging
 
-    bars = hf_logging.is_progress_bar_enabled()
+    from huggingface_hub import utils as hub
+
+    bars, hub_bars = hf_logging.is_progress_bar_enabled(), not hub.are_progress_bars_disabled()
     verbosity = hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
+    hub.disable_progress_bars()  # downloads from the hub
     hf_logging.set_verbosity_error()
     loggers = [logging.getLogger(n) for n in ("sentence_transformers", "llama_index", "httpx")]
     levels = [lg.level for lg in loggers]
@@ -121,6 +124,8 @@ def quiet() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+        if hub_bars:
+            hub.enable_progress_bars()
 
 
 def _from_hub(repo: str, tried: list[str]) -> Path | None:

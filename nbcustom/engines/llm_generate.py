@@ -12,7 +12,7 @@ import contextlib
 from typing import Callable, Iterator
 
 from ..evaluate import generation_scores, perplexity
-from . import llm_data
+from . import llm_data, llm_pack
 
 GENERATE_BATCH = 16
 LOSS_BATCH = 8
@@ -103,8 +103,6 @@ def generate(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, pr
 def mean_loss(model, examples: list[llm_data.Example], pad_id: int) -> float:
     """Mean cross-entropy per response token over ``examples``."""
     import torch
-
-    from . import llm_pack
 
     total, count = 0.0, 0
     model.eval()

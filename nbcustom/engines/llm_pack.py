@@ -90,7 +90,7 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
     are more than ``lm_head(hidden)`` (soft-capping, scaling) go through their own forward."""
     import torch
 
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = _causal(model)
     body, head = getattr(causal, "model", None), causal.get_output_embeddings()
     device = head.weight.device
     # which positions carry a target, found on the CPU: no device sync
@@ -117,7 +117,7 @@ def accelerated(model, attention: str | None = "flex_attention", backend: str = 
     for training). Undone on exit, so the shared base model generates as before."""
     import torch
 
-    causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+    causal = _causal(model)
     body = causal.base_model  # the decoder stack, whatever the architecture calls it
     layers = list(getattr(body, "layers", None) or getattr(body, "h", None) or [body])
     was = causal.config._attn_implementation
@@ -133,6 +133,11 @@ def accelerated(model, attention: str | None = "flex_attention", backend: str = 
             layer._compiled_call_impl = None
         if attention:
             causal.set_attn_implementation(was)
+
+
+def _causal(model):
+    """The transformers model inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _adapter_casts_off(model, active: bool):
