@@ -7,7 +7,6 @@ magic -> api -> data (rows) -> engine (train, evaluate; reports to a display) ->
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import os
 import uuid
 from importlib import metadata
@@ -17,6 +16,7 @@ from . import data as _data
 from .display import Summary, make_display
 from .engines import Outcome, engine
 from .errors import NbCustomError
+from .hashing import frame_sha256
 from .specs import FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
 from .store import Store, Version, check_name
 
@@ -184,6 +184,7 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
         display.fail(e)
         raise
     facts = {"version": build.version, **{k: v for k, v in build.manifest["counts"].items()}}
+    outcome.after_label = outcome.after_label or f"v{build.version}"
     display.finish(_summary(f"%%{magic} {name} -> v{build.version}", outcome, facts))
     return Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
 
@@ -210,15 +211,6 @@ def _summary(title: str, outcome: Outcome, facts: dict) -> Summary:
         title, outcome.before, outcome.after, outcome.before_label, outcome.after_label,
         facts=facts, tables=tables, charts=charts, notes=list(outcome.notes),
     )
-
-
-def frame_sha256(frame) -> str:
-    """A stable content hash of a DataFrame's rows and columns."""
-    import pandas as pd
-
-    digest = hashlib.sha256(",".join(map(str, frame.columns)).encode())
-    digest.update(pd.util.hash_pandas_object(frame.astype(str), index=False).values.tobytes())
-    return digest.hexdigest()
 
 
 def libraries(kind: str) -> dict[str, str]:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 import nbcustom
-from nbcustom.engines.automl import accumulate, in_holdout
+from nbcustom.engines.automl.common import accumulate, in_holdout
 from nbcustom.errors import NbCustomError
 from nbcustom.store import Store
 

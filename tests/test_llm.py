@@ -18,7 +18,7 @@ import llm_task
 from conftest import snapshot
 from nbcustom import models
 from nbcustom.display.run import TextDisplay
-from nbcustom.engines import llm_data
+from nbcustom.engines.llm import data as llm_data
 from nbcustom.errors import NbCustomError
 from nbcustom.evaluate import exact_match
 
@@ -223,7 +223,7 @@ def test_load_generates_predicts_and_merges(tuned):
     merged = model.merged()
     base, tokenizer = _base()
     ids = torch.tensor([llm_data.prompt_ids(tokenizer, rows["prompt"][0], llm_task.SYSTEM)])
-    from nbcustom.engines.llm_generate import adapted
+    from nbcustom.engines.llm.generate import adapted
 
     with torch.no_grad(), adapted(base, adapter_dir=model.adapter_dir) as peft_model:
         expected = peft_model(input_ids=ids).logits
@@ -285,6 +285,6 @@ def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, s
     version = Store(store_dir).get("resumable")
     assert version.version == 1 and version.manifest["llm"]["resumed_from"] == 2
     assert version.manifest["counts"]["steps"] == 4
-    from nbcustom.engines.llm import Checkpoint
+    from nbcustom.engines.llm.train import Checkpoint
 
     assert not Checkpoint(store_dir, "resumable", "").folder.exists()  # cleared once the version is made

@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 
 from nbcustom import models
-from nbcustom.engines import llm_data, llm_pack
-from nbcustom.engines.llm_generate import adapted, lora_config
+from nbcustom.engines.llm import data as llm_data, pack as llm_pack
+from nbcustom.engines.llm.generate import adapted, lora_config
 
 
 def _examples(lengths=(3, 40, 9, 25, 1)):

@@ -27,7 +27,7 @@ FIFTY = FACTS + [(31 + i, f"Agent {name} keeps locker number {100 + 7 * i}.", "l
 
 
 def embedded_documents() -> int:
-    from nbcustom.engines import rag_models
+    from nbcustom.engines.rag import models as rag_models
 
     return rag_models.EMBED_CALLS["documents"]
 
@@ -38,7 +38,7 @@ def ids(sources) -> list:
 
 # --- rows -> documents (no model) ---------------------------------------------------------
 def test_rows_become_documents_with_ids_text_metadata_and_content_hashes():
-    from nbcustom.engines.rag import documents
+    from nbcustom.engines.rag.index import documents
     from nbcustom.specs import RagSpec
 
     rows = pd.DataFrame({"id": [1, 2], "title": ["Vault", "Mayor"], "body": ["Code QX-4471.", "Talia Brennick."],
@@ -165,7 +165,7 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
 
     from llama_index.core import Settings
 
-    from nbcustom.engines import rag_models
+    from nbcustom.engines.rag import models as rag_models
 
     # llama-index's defaults are the local models, never a hosted API
     assert type(Settings.llm).__name__ == "LocalLLM" and "Counting" in type(Settings.embed_model).__name__
@@ -198,7 +198,7 @@ def test_index_reloads_in_a_fresh_process_without_embedding_again(tmp_path):
     script = textwrap.dedent(
         f"""
         import json, nbcustom
-        from nbcustom.engines import rag_models
+        from nbcustom.engines.rag import models as rag_models
         answers = nbcustom.ask("facts", {questions!r}, store={str(store)!r})
         print(json.dumps({{"answers": answers["answer"].tolist(), "sources": [[s["id"] for s in f] for f in answers["sources"]],
                           "calls": rag_models.EMBED_CALLS}}))

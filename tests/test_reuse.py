@@ -35,7 +35,7 @@ def test_a_second_load_llm_returns_the_same_objects_without_reading_the_disk(mon
 
 @pytest.fixture(scope="module")
 def embed_model():
-    from nbcustom.engines import rag, rag_models
+    from nbcustom.engines.rag import index as rag, models as rag_models
 
     return rag_models.embedder(models.resolve_embedding(None), rag.EMBED_BATCH)
 
@@ -52,7 +52,7 @@ def test_split_with_batched_tokens_gives_the_chunks_of_a_plain_sentence_splitter
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.schema import MetadataMode
 
-    from nbcustom.engines import rag, rag_models
+    from nbcustom.engines.rag import index as rag, models as rag_models
 
     monkeypatch.setattr(rag, "SPLIT_BATCH", 16)  # several slices, each tokenized at once
     monkeypatch.setattr(rag, "SPLIT_CHARS", 3000)  # the long row ends a slice early
@@ -73,7 +73,7 @@ def test_split_with_batched_tokens_gives_the_chunks_of_a_plain_sentence_splitter
 
 
 def test_length_sorted_embedding_keeps_each_vector_with_its_text(embed_model):
-    from nbcustom.engines import rag
+    from nbcustom.engines.rag import index as rag
 
     class Steps:
         def __init__(self):
@@ -93,7 +93,7 @@ def test_length_sorted_embedding_keeps_each_vector_with_its_text(embed_model):
 
 
 def test_vector_search_ranks_like_a_plain_matrix_product(tmp_path):
-    from nbcustom.engines import rag_store
+    from nbcustom.engines.rag.stores import duckdb as rag_store
 
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((500, 16)).astype(np.float32)

@@ -10,7 +10,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any
 
-KINDS = {"llm": "llm", "automl": "automl", "rag": "rag"}
+KINDS = ("llm", "automl", "rag")
 
 
 @dataclass
@@ -27,9 +27,11 @@ class Outcome:
     info: dict = field(default_factory=dict)  # extra manifest fields (base, reused, ...)
     notes: list = field(default_factory=list)  # lines for the summary
     before_label: str = "before"
-    after_label: str = "after"
+    after_label: str | None = None  # None: the new version's number, "vN"
 
 
 def engine(kind: str):
     """The engine module for a model kind."""
-    return importlib.import_module(f"nbcustom.engines.{KINDS[kind]}")
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}")
+    return importlib.import_module(f"nbcustom.engines.{kind}")

@@ -67,8 +67,8 @@ def run_trainer(frame, steps: int, batch_size: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from nbcustom import models
-    from nbcustom.engines import llm_data
-    from nbcustom.engines.llm_generate import TARGETS
+    from nbcustom.engines.llm import data as llm_data
+    from nbcustom.engines.llm.generate import TARGETS
 
     path = models.resolve_llm(None)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -119,7 +119,7 @@ def measure(which: str, data: str, n: int, steps: int, batch_size: int) -> dict:
 
 def lengths(data: str, n: int) -> str:
     from nbcustom import models
-    from nbcustom.engines import llm_data
+    from nbcustom.engines.llm import data as llm_data
 
     tokenizer = models.load_llm(models.resolve_llm(None))[1]
     frame = rows(data, n)

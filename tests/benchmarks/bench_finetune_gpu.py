@@ -9,7 +9,7 @@ Variants: eager (sdpa attention with a block-diagonal mask), compiled (the same 
 decoder layer compiled), flex (compiled layers and flex attention, which skips the masked
 blocks); -noautocast: without autocast, so peft runs the float32 adapters in float32.
 
-Needs only torch, transformers and peft (it loads nbcustom/engines/llm_pack.py by path,
+Needs only torch, transformers and peft (it loads nbcustom/engines/llm/pack.py by path,
 so the rest of nbcustom need not be installed on the GPU machine). Prints one line per
 variant: real (non-padding) tokens per second, peak GPU memory; and a loss check of the
 packed step against the padded computation. Target (issue 7): at least 150,000 tokens/s on
@@ -39,7 +39,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def llm_pack():
-    spec = importlib.util.spec_from_file_location("llm_pack", HERE.parents[2] / "nbcustom" / "engines" / "llm_pack.py")
+    spec = importlib.util.spec_from_file_location("llm_pack", HERE.parents[2] / "nbcustom" / "engines" / "llm" / "pack.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -86,7 +86,7 @@ def child_finetune(path: str) -> dict:
 
     import nbcustom
     from nbcustom import models
-    from nbcustom.engines import llm
+    from nbcustom.engines.llm import train as llm
 
     spent = {"load": 0.0}
 

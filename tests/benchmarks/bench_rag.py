@@ -129,7 +129,7 @@ def bench_build(n: int, repeat: int, scratch: Path) -> bool:
 
 
 def bench_refresh(n: int, scratch: Path) -> bool:
-    from nbcustom.engines import rag_models
+    from nbcustom.engines.rag import models as rag_models
 
     nbc_warm_up(scratch)
     rows = frame(n, seed=1)
@@ -158,7 +158,7 @@ def fill_index(store: Path, name: str, total: int, seed: int = 3) -> int:
     ``rag_store.insert`` (checksums renewed with ``Store.update``). Returns how many were added."""
     import numpy as np
 
-    from nbcustom.engines import rag_store
+    from nbcustom.engines.rag.stores import duckdb as rag_store
     from nbcustom.store import Store
 
     s = Store(store)
@@ -197,7 +197,7 @@ def bench_retrieval(chunks: int, queries: int, baseline_queries: int, scratch: P
     import numpy as np
 
     import nbcustom
-    from nbcustom.engines import rag_store
+    from nbcustom.engines.rag.stores import duckdb as rag_store
 
     store = scratch / "retrieval"
     nbc_build(frame(200, seed=4), store, "big")

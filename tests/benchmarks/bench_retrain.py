@@ -49,7 +49,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     args = parser.parse_args()
 
-    from nbcustom.engines.automl import in_holdout
+    from nbcustom.engines.automl.common import in_holdout
 
     frame, target = digits()
     mask = in_holdout(frame, 0.2)  # the rows nbcustom holds out, so both fit the same rows

@@ -1,10 +1,5 @@
-"""AutoGluon engine: ``%%retrain`` (tabular and time series), the AutoML branch of
-``%%finetune`` and ``%%predict`` for AutoML models.
-
-This module holds the entry points ``api`` calls and what both tasks share: accumulating
-rows across versions, the stable hash holdout, and keeping AutoGluon quiet. The tasks live
-in ``automl_tabular`` and ``automl_timeseries``.
-"""
+"""What the tabular and time-series tasks share: rows across versions, the stable hash
+holdout, column checks and keeping AutoGluon quiet."""
 
 from __future__ import annotations
 
@@ -14,46 +9,12 @@ import io
 import logging
 import warnings
 
-from ..errors import NbCustomError
+from ...errors import NbCustomError
 
 MIN_HOLDOUT = 5  # rows: fewer make the before/after scores noise
 MIN_TRAIN = 10
 
 
-def train(spec, rows, previous, build, display):
-    """``%%retrain``: a new version trained from scratch on the previous rows plus ``rows``."""
-    task = "timeseries" if spec.timestamp else "tabular"
-    if previous is not None and previous.manifest.get("task", task) != task:
-        raise NbCustomError(
-            f"{previous.name} is a {previous.manifest.get('task')} model; "
-            + ("add --timestamp COL" if task == "tabular" else "drop --timestamp")
-            + " or choose another name"
-        )
-    return _task(task).train(spec, rows, previous, build, display)
-
-
-def update(spec, rows, previous, build, display):
-    """``%%finetune`` on an AutoML model: fit on ``rows`` only, reusing the previous
-    version's model type and hyperparameters (no search)."""
-    return _task(previous.manifest.get("task", "tabular")).update(spec, rows, previous, build, display)
-
-
-def load(version):
-    """The version's predictor, with ``.predict(rows) -> DataFrame``."""
-    return _task(version.manifest.get("task", "tabular")).load(version)
-
-
-def _task(task: str):
-    if task == "timeseries":
-        from . import automl_timeseries
-
-        return automl_timeseries
-    from . import automl_tabular
-
-    return automl_tabular
-
-
-# --- rows across versions ---------------------------------------------------------------
 def previous_rows(previous):
     """The rows the previous version kept (train + holdout), or None for a first version."""
     if previous is None:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import NbCustomError
-from .llm_pack import IGNORE
+from ...errors import NbCustomError
+from .pack import IGNORE
 
 MIN_ROWS = 4
 

@@ -10,9 +10,9 @@ import os
 import tempfile
 import time
 
-from ..engines import Outcome
-from ..errors import NbCustomError
-from .automl import accumulate, previous_rows, quiet, require_columns, rounded
+from .. import Outcome
+from ...errors import NbCustomError
+from .common import accumulate, previous_rows, quiet, require_columns, rounded
 
 PREDICTOR = "predictor"
 ITEM = "__series__"  # the item id of a single unnamed series
@@ -156,7 +156,7 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
     return Outcome(
         before=rounded(before), after=rounded(after), counts=counts, train_rows=data, examples=examples,
         charts={"forecast": chart}, tables={"leaderboard": leaderboard[columns]}, info=info, notes=notes,
-        before_label=before_label, after_label="new version",
+        before_label=before_label,
     )
 
 
@@ -170,7 +170,7 @@ def _scores(predictor, series, metrics) -> dict:
 
 def _chart(series, train_part, before, after, target, before_label, horizon) -> bytes:
     """History, actual holdout and both forecasts for the longest series."""
-    from ..display.charts import forecast_chart
+    from ...display.charts import forecast_chart
 
     item = series.num_timesteps_per_item().idxmax()
     history = train_part.loc[item][target].iloc[-4 * horizon:]

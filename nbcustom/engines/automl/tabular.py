@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from ..errors import NbCustomError
-from ..engines import Outcome
-from .automl import MIN_HOLDOUT, MIN_TRAIN, accumulate, in_holdout, previous_rows, quiet, require_columns, rounded
+from ...errors import NbCustomError
+from .. import Outcome
+from .common import MIN_HOLDOUT, MIN_TRAIN, accumulate, in_holdout, previous_rows, quiet, require_columns, rounded
 
 PREDICTOR = "predictor"  # folder inside the version's model/
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "log_loss")
@@ -104,7 +104,7 @@ def _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, k
     charts = {}
     importance, importance_model = _importance(predictor, holdout)
     if importance:
-        from ..display.charts import bar_chart
+        from ...display.charts import bar_chart
 
         charts["feature_importance"] = bar_chart(importance, f"feature importance ({importance_model}, holdout)", "drop in " + predictor.eval_metric.name)
     # the holdout rows as the user knows them: a few identifying columns, target, before, after
@@ -138,7 +138,7 @@ def _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, k
     return Outcome(
         before=rounded(before), after=rounded(after), counts=counts, train_rows=data, examples=examples,
         charts=charts, tables={"leaderboard": leaderboard[columns]}, info=info, notes=notes,
-        before_label=before_label, after_label="new version",
+        before_label=before_label,
     )
 
 
@@ -214,7 +214,7 @@ def _importance(predictor, holdout) -> dict:
 
 
 def _progress(display):
-    from .automl_progress import Progress
+    from .progress import Progress
 
     return Progress(display)
 

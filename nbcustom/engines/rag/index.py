@@ -13,10 +13,12 @@ import json
 import math
 from typing import Any, Iterator, Sequence
 
-from ..errors import NbCustomError
-from ..specs import RagSpec
-from . import Outcome, rag_models, rag_store
-from .rag_models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
+from ...errors import NbCustomError
+from ...specs import RagSpec
+from .. import Outcome
+from . import models as rag_models
+from .stores import duckdb as rag_store
+from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
 
 SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context."
 SYSTEM_ALONE = "Answer the question with a short answer."
@@ -129,7 +131,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     """Build the index from ``rows``, or refresh ``previous``: only new or changed rows are
     embedded, unchanged rows' vectors are copied, missing rows are dropped (kept with
     ``--append``)."""
-    from .. import models
+    from ... import models
 
     frame, chosen = documents(spec, rows)
     embed_path = models.resolve_embedding(spec.embed)
@@ -200,7 +202,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     }
     import pandas as pd
 
-    from ..display.charts import bar_chart
+    from ...display.charts import bar_chart
 
     refresh = {k: counts[k] for k in ("added", "changed", "removed", "unchanged", "embedded")}
     return Outcome(
@@ -329,7 +331,7 @@ class RagIndex:
 
     # --- models ------------------------------------------------------------------------
     def embed_model(self):
-        from .. import models
+        from ... import models
 
         return rag_models.embedder(models.resolve_embedding(self.options.get("embed")), EMBED_BATCH)
 
@@ -420,7 +422,7 @@ class RagIndex:
         """
         import pandas as pd
 
-        from ..evaluate import contains, mean, token_f1
+        from ...evaluate import contains, mean, token_f1
 
         column = _question_column(rows, "--eval")
         if "answer" not in rows.columns:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 from typing import Callable, Iterator
 
-from ..evaluate import generation_scores, perplexity
-from . import llm_data, llm_pack
+from ...evaluate import generation_scores, perplexity
+from . import data as llm_data, pack as llm_pack
 
 GENERATE_BATCH = 16
 LOSS_BATCH = 8

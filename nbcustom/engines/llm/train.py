@@ -20,10 +20,11 @@ import shutil
 import time
 from pathlib import Path
 
-from .. import models
-from ..errors import NbCustomError
-from . import Outcome, llm_data, llm_pack
-from .llm_generate import adapted, generate, lora_config, mean_loss, score
+from ... import models
+from ...errors import NbCustomError
+from .. import Outcome
+from . import data as llm_data, pack as llm_pack
+from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
 WARMUP = 0.06  # fraction of the steps with a rising learning rate
@@ -45,7 +46,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     llm_data.check_rows(rows, spec.prompt, spec.response)
     base = _base_name(spec, previous)
     path = models.resolve_llm(base)
-    device, dtype = _device(spec.device)
+    device, dtype = device_for(spec.device)
     # a continued run keeps the previous version's system message unless given a new one
     system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
     tokenizer = _tokenizer(path)
@@ -85,7 +86,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         lora = peft_model.peft_config["default"]
     checkpoint.clear()
 
-    from ..display.charts import loss_chart
+    from ...display.charts import loss_chart
 
     history, evals = state["history"], state["eval_history"]
     charts = {"loss": loss_chart(*zip(*history), *(zip(*evals) if evals else ((), ())))} if len(history) > 1 else {}
@@ -114,7 +115,6 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             },
         },
         before_label=f"v{previous.version}" if previous else "base",
-        after_label=f"v{_next_version(build)}",
     )
 
 
@@ -225,7 +225,7 @@ class Checkpoint:
 
 
 def _fingerprint(spec, rows, previous, path) -> str:
-    from ..api import frame_sha256
+    from ...hashing import frame_sha256
 
     options = {k: v for k, v in spec.to_dict().items() if k not in ("resume", "max_new_tokens")}
     parent = f"{previous.name}@{previous.version}" if previous else None
@@ -243,7 +243,7 @@ def _base_name(spec, previous) -> str | None:
     return was.get("name")
 
 
-def _device(choice: str) -> tuple[str, str]:
+def device_for(choice: str) -> tuple[str, str]:
     """(device, dtype): CUDA with bf16 when present (or asked for), else CPU float32."""
     import torch
 
@@ -267,72 +267,3 @@ def _tokenizer(path: Path):
             tokenizer.pad_token = tokenizer.eos_token
         _TOKENIZERS[str(path)] = tokenizer
     return _TOKENIZERS[str(path)]
-
-
-def _next_version(build) -> int:
-    from ..store import Store
-
-    return max((v["version"] for v in Store(build.path.parents[1]).versions(build.name)), default=0) + 1
-
-
-# --- using a version ---------------------------------------------------------------------
-
-
-def load(version) -> "Generator":
-    """The tuned model of ``version``, ready to generate."""
-    return Generator(version)
-
-
-class Generator:
-    """A fine-tuned LLM version: ``generate(prompts)``, ``predict(rows)``, ``merged()``."""
-
-    def __init__(self, version):
-        self.version = version
-        info = version.manifest.get("llm", {})
-        self.prompt_column = info.get("prompt", "prompt")
-        self.system = info.get("system")
-        self.max_new_tokens = version.manifest.get("options", {}).get("max_new_tokens", 64)
-        self.adapter_dir = version.model_dir
-
-    def __repr__(self) -> str:
-        return f"Generator({self.version.name}@{self.version.version})"
-
-    def _base(self):
-        base = self.version.manifest.get("base", {})
-        path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
-        device, dtype = _device("auto")
-        return models.load_llm(path, device, dtype)
-
-    def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
-        """Greedy completions of ``prompts`` (chat template with the version's system message)."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        systems = system if isinstance(system, list) else [system or self.system] * len(prompts)
-        with models.quiet():
-            model, tokenizer = self._base()
-            ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-            with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
-                return generate(peft_model, tokenizer, ids, max_new_tokens or self.max_new_tokens)
-
-    def predict(self, rows, max_new_tokens: int | None = None):
-        """``rows`` with a ``prediction`` column generated from the prompt column."""
-        column = self.prompt_column if self.prompt_column in rows.columns else "prompt"
-        llm_data.check_rows(rows, column, None)
-        systems = llm_data.systems(rows, self.system)
-        out = rows.copy()
-        out["prediction"] = self.generate(rows[column].astype(str).tolist(), max_new_tokens, systems)
-        return out
-
-    def merged(self):
-        """A standalone transformers model with the adapter merged into (a copy of) the base."""
-        import copy
-
-        from peft import PeftModel
-
-        with models.quiet():
-            model, _ = self._base()
-            return PeftModel.from_pretrained(copy.deepcopy(model), self.adapter_dir).merge_and_unload()
-
-    @property
-    def tokenizer(self):
-        with models.quiet():
-            return self._base()[1]

@@ -11,8 +11,8 @@ from __future__ import annotations
 import os
 from typing import Any, Sequence
 
-from .. import models
-from ..models import quiet
+from ... import models
+from ...models import quiet
 
 # Texts embedded in this process: documents (chunks written to an index) and queries.
 EMBED_CALLS = {"documents": 0, "queries": 0}

@@ -1,0 +1,10 @@
+"""The RAG engine: build or refresh an index over rows (``build``) and answer from a
+version (``load``).
+
+Parts: ``index`` (documents, refresh, ``RagIndex``), ``models`` (embedding and answering
+models for llama-index), ``stores/`` (where the vectors live).
+"""
+
+from .index import RagIndex, build, load
+
+__all__ = ["RagIndex", "build", "load"]
