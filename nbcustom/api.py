@@ -12,7 +12,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data
+from . import data as _data, promotion
 from .display import Summary, make_display
 from .engines import Outcome, engine
 from .errors import NbCustomError
@@ -163,6 +163,8 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
     try:
         with store.build(name, kind) as build:
             outcome: Outcome = train(spec, rows, previous, build, display)
+            decision = promotion.decide(spec.promote, outcome, previous)
+            build.activate = decision.promote
             display.phase("saving")
             _write_outcome(build.path, outcome)
             build.manifest.update(
@@ -177,14 +179,18 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
                     "counts": {"read": len(rows), **outcome.counts},
                     "libraries": libraries(kind),
                     "run": {"id": uuid.uuid4().hex, "magic": magic, "started": started.isoformat(timespec="seconds")},
+                    "promotion": decision.to_dict(),
                     **outcome.info,
                 }
             )
     except BaseException as e:
         display.fail(e)
         raise
-    facts = {"version": build.version, **{k: v for k, v in build.manifest["counts"].items()}}
+    facts = {"version": build.version, "active": decision.promote, **{k: v for k, v in build.manifest["counts"].items()}}
     outcome.after_label = outcome.after_label or f"v{build.version}"
+    warning = decision.line(name, build.version)
+    if warning:
+        outcome.notes.insert(0, warning)
     display.finish(_summary(f"%%{magic} {name} -> v{build.version}", outcome, facts))
     return Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
 

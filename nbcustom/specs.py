@@ -61,6 +61,14 @@ def _nullable(cls, name: str) -> bool:
     return next(f for f in dataclasses.fields(cls) if f.name == name).default is None
 
 
+PROMOTE = ("always", "if-better", "never")
+
+
+def promote_option():
+    """``--promote``, shared by the training magics (decided in ``nbcustom.promotion``)."""
+    return option("always", "always, if-better or never: make the new version the active one (jobs: if-better)", choices=PROMOTE)
+
+
 @dataclass
 class FinetuneSpec(Spec):
     """``%%finetune``: LoRA for LLMs, or a no-search update for AutoML models."""
@@ -84,6 +92,7 @@ class FinetuneSpec(Spec):
     compile: bool = option(False, "LLM on a GPU: compile the layers and use flex attention (pays off on long runs)", type=bool)
     max_new_tokens: int = option(64, "longest generation when evaluating", type=int)
     time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
+    promote: str = promote_option()
 
     def validate(self) -> None:
         super().validate()
@@ -105,6 +114,7 @@ class RetrainSpec(Spec):
     eval_frac: float = option(0.2, "fraction of rows in the holdout (tabular)", type=float)
     metric: str | None = option(None, "AutoGluon eval metric (default: AutoGluon's choice)")
     seed: int = option(0, "seed", type=int)
+    promote: str = promote_option()
 
     def validate(self) -> None:
         super().validate()
@@ -141,6 +151,7 @@ class RagSpec(Spec):
     llm: str | None = option(None, "answering model (default smollm2-135m-instruct)")
     append: bool = option(False, "keep rows missing from the query", type=bool)
     max_new_tokens: int = option(96, "longest answer in tokens", type=int)
+    promote: str = promote_option()
 
     def validate(self) -> None:
         super().validate()

@@ -35,6 +35,10 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS jobs (
     name VARCHAR PRIMARY KEY, every_seconds DOUBLE, track VARCHAR, last_value JSON,
     database VARCHAR, status VARCHAR, next_due TIMESTAMP, created TIMESTAMP);
+ALTER TABLE versions ADD COLUMN IF NOT EXISTS promotion VARCHAR;
+ALTER TABLE runs ADD COLUMN IF NOT EXISTS promotion VARCHAR;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS promote VARCHAR;
+ALTER TABLE jobs ADD COLUMN IF NOT EXISTS min_rows BIGINT;
 """
 
 
@@ -148,8 +152,7 @@ class Store:
         with self._locked():
             con = duckdb.connect(str(self.root / "catalog.duckdb"))
             try:
-                if write:
-                    con.execute(_SCHEMA)
+                con.execute(_SCHEMA)  # also on reads: brings an older catalog's tables up to date
                 yield con
             finally:
                 con.close()
@@ -176,7 +179,7 @@ class Store:
         check_name(name)
         rows = self._rows(
             """SELECT v.version, v.kind, v.status, v.version = m.active AS active, v.created,
-                      v.rows_trained, v.metrics
+                      v.rows_trained, v.promotion, v.metrics
                FROM versions v JOIN models m USING (name) WHERE name = ? ORDER BY v.version""",
             [name],
         )
@@ -276,10 +279,12 @@ class Store:
             os.rename(build.path, target)
             try:
                 con.execute("BEGIN TRANSACTION")
+                promotion = manifest.get("promotion", {}).get("reason")
                 con.execute(
-                    "INSERT INTO versions VALUES (?, ?, ?, 'ready', ?, ?, ?)",
+                    """INSERT INTO versions (name, version, kind, status, created, rows_trained, metrics, promotion)
+                       VALUES (?, ?, ?, 'ready', ?, ?, ?, ?)""",
                     [build.name, version, build.kind, now, manifest.get("counts", {}).get("trained"),
-                     json.dumps(manifest.get("metrics", {}), default=str)],
+                     json.dumps(manifest.get("metrics", {}), default=str), promotion],
                 )
                 if kind:
                     if build.activate:
@@ -289,8 +294,9 @@ class Store:
                 run = manifest.get("run")
                 if run:
                     con.execute(
-                        "INSERT INTO runs VALUES (?, ?, ?, ?, ?, 'ok', ?, ?, NULL)",
-                        [run["id"], build.name, run["magic"], run["started"], now, manifest.get("counts", {}).get("read"), version],
+                        """INSERT INTO runs (id, name, magic, started, ended, status, rows_read, version, error, promotion)
+                           VALUES (?, ?, ?, ?, ?, 'ok', ?, ?, NULL, ?)""",
+                        [run["id"], build.name, run["magic"], run["started"], now, manifest.get("counts", {}).get("read"), version, promotion],
                     )
                 con.execute("COMMIT")
             except BaseException:
@@ -360,12 +366,13 @@ class Store:
             with contextlib.suppress(OSError):
                 trash.parent.rmdir()
 
-    def record_run(self, name: str, magic: str, started, status: str, rows_read=None, version=None, error=None) -> None:
+    def record_run(self, name: str, magic: str, started, status: str, rows_read=None, version=None, error=None, promotion=None) -> None:
         """Add a row to the catalog's ``runs`` table (for runs that made no version)."""
         with self._catalog(write=True) as con:
             con.execute(
-                "INSERT INTO runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                [uuid.uuid4().hex, name, magic, started, _dt.datetime.now(), status, rows_read, version, error],
+                """INSERT INTO runs (id, name, magic, started, ended, status, rows_read, version, error, promotion)
+                   VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                [uuid.uuid4().hex, name, magic, started, _dt.datetime.now(), status, rows_read, version, error, promotion],
             )
 
     def runs(self, name: str | None = None, limit: int = 20) -> list[dict]:
@@ -375,9 +382,7 @@ class Store:
     # --- jobs -----------------------------------------------------------------------------
     def jobs(self) -> list[dict]:
         """Every scheduled job (see ``nbcustom.jobs``)."""
-        if not (self.root / "catalog.duckdb").exists():
-            return []
-        rows = self._rows("SELECT * FROM jobs ORDER BY name", write=True)  # write: creates the table in old catalogs
+        rows = self._rows("SELECT * FROM jobs ORDER BY name")
         for row in rows:
             row["last_value"] = json.loads(row["last_value"]) if row["last_value"] else None
         return rows
@@ -385,9 +390,9 @@ class Store:
     def save_job(self, job: dict) -> None:
         """Insert or replace a job row."""
         job = {**job, "last_value": json.dumps(job.get("last_value"), default=str)}
-        cols = ["name", "every_seconds", "track", "last_value", "database", "status", "next_due", "created"]
+        cols = ["name", "every_seconds", "track", "last_value", "database", "status", "next_due", "created", "promote", "min_rows"]
         with self._catalog(write=True) as con:
-            con.execute(f"INSERT OR REPLACE INTO jobs VALUES ({', '.join('?' * len(cols))})", [job.get(c) for c in cols])
+            con.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [job.get(c) for c in cols])
 
 
 def lock_file(f, blocking: bool = True) -> bool:

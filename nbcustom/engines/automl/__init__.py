@@ -29,6 +29,11 @@ def update(spec, rows, previous, build, display):
     return _task(previous.manifest.get("task", "tabular")).update(spec, rows, previous, build, display)
 
 
+def drift(version, rows):
+    """Per-column drift of ``rows`` against ``version``'s training rows (see ``drift``)."""
+    return _task(version.manifest.get("task", "tabular")).drift(version, rows)
+
+
 def load(version):
     """The version's predictor, with ``.predict(rows) -> DataFrame``."""
     return _task(version.manifest.get("task", "tabular")).load(version)

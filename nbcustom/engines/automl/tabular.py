@@ -6,6 +6,7 @@ import time
 
 from ...errors import NbCustomError
 from .. import Outcome
+from . import drift as _drift
 from .common import MIN_HOLDOUT, MIN_TRAIN, accumulate, in_holdout, previous_rows, quiet, require_columns, rounded
 
 PREDICTOR = "predictor"  # folder inside the version's model/
@@ -42,6 +43,8 @@ def train(spec, rows, previous, build, display) -> Outcome:
     fit_seconds = time.monotonic() - started
     outcome = _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, key=spec.key)
     outcome.info.update(schema={"target": target, "key": spec.key}, time_limit=spec.time_limit)
+    if old is not None:
+        _drift.attach(outcome, _drift.report(old, rows, f"v{previous.version}", skip=[spec.key]))
     return outcome
 
 
@@ -80,7 +83,13 @@ def update(spec, rows, previous, build, display) -> Outcome:
     outcome = _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, reused=reused, old=old_predictor)
     outcome.info.update(schema=schema, time_limit=time_limit)
     outcome.notes.append(f"update on the {len(new_rows)} new rows only, with v{previous.version}'s {reused['model']} hyperparameters; holdout = {len(holdout)} of the new rows")
+    _drift.attach(outcome, drift(previous, rows))
     return outcome
+
+
+def drift(version, rows) -> dict | None:
+    """Per-column drift of ``rows`` (those new to it) against ``version``'s training rows."""
+    return _drift.report(previous_rows(version), rows, f"v{version.version}", skip=[version.manifest.get("schema", {}).get("key")])
 
 
 # --- scoring, shared by both ----------------------------------------------------------
@@ -126,6 +135,7 @@ def _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, k
         "target": target,
         "problem_type": predictor.problem_type,
         "eval_metric": predictor.eval_metric.name,
+        "higher_is_better": bool(predictor.eval_metric.greater_is_better_internal),
         "best_model": predictor.model_best,
         "fit_seconds": round(fit_seconds, 2),
         "feature_importance": importance,

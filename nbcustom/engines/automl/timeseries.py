@@ -12,6 +12,7 @@ import time
 
 from .. import Outcome
 from ...errors import NbCustomError
+from . import drift as _drift
 from .common import accumulate, previous_rows, quiet, require_columns, rounded
 
 PREDICTOR = "predictor"
@@ -64,6 +65,8 @@ def train(spec, rows, previous, build, display) -> Outcome:
     if skipped:
         outcome.info["skipped_models"] = skipped
         outcome.notes.extend(skipped)
+    if old is not None:
+        _drift.attach(outcome, _drift.report(old, new, f"v{previous.version}", skip=[stamp]))
     return outcome
 
 
@@ -102,7 +105,18 @@ def update(spec, rows, previous, build, display) -> Outcome:
     outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed, old_predictor)
     outcome.info.update(reused=reused, schema=schema, time_limit=time_limit)
     outcome.notes.append(f"update on the new rows only, with v{previous.version}'s {reused['model']} hyperparameters; holdout = the last {horizon} new steps of each series")
+    _drift.attach(outcome, _drift.report(old, new, f"v{previous.version}", skip=[stamp]))
     return outcome
+
+
+def drift(version, rows) -> dict | None:
+    """Per-column drift of ``rows`` (those new to it) against ``version``'s training rows:
+    the target, and the item id's unseen series."""
+    schema = version.manifest["schema"]
+    target, stamp, item = schema["target"], schema["timestamp"], schema.get("item_id")
+    require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {version.name} needs it")
+    old = _clean(previous_rows(version), target, stamp, item)
+    return _drift.report(old, _clean(rows, target, stamp, item), f"v{version.version}", skip=[stamp])
 
 
 # --- scoring, shared by both ----------------------------------------------------------
@@ -149,6 +163,7 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
         "target": predictor.target,
         "problem_type": "forecast",
         "eval_metric": predictor.eval_metric.name,
+        "higher_is_better": bool(predictor.eval_metric.greater_is_better_internal),
         "best_model": predictor.model_best,
         "freq": predictor.freq,
         "fit_seconds": round(fit_seconds, 2),

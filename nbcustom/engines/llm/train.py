@@ -227,7 +227,7 @@ class Checkpoint:
 def _fingerprint(spec, rows, previous, path) -> str:
     from ...hashing import frame_sha256
 
-    options = {k: v for k, v in spec.to_dict().items() if k not in ("resume", "max_new_tokens")}
+    options = {k: v for k, v in spec.to_dict().items() if k not in ("resume", "max_new_tokens", "promote")}
     parent = f"{previous.name}@{previous.version}" if previous else None
     return hashlib.sha256(json.dumps([options, frame_sha256(rows), parent, str(path)], default=str).encode()).hexdigest()
 
