@@ -7,6 +7,7 @@ magic -> api -> data (rows) -> engine (train, evaluate; reports to a display) ->
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import os
 import uuid
 from importlib import metadata
@@ -61,7 +62,7 @@ def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
         raise NbCustomError(f"{name} is a RAG index: refresh it with %%rag {name}")
     rows = rows_of(data, namespace, con, params)
     previous = _previous(store, name, spec.from_version)
-    train = engine("llm").train if kind == "llm" else engine("automl").update
+    train = engine("llm").train if kind == "llm" else functools.partial(engine("automl").update, rows_from=_newest(store, previous))
     return _commit("finetune", name, kind, spec, data, rows, previous, train, store, ui, params)
 
 
@@ -76,7 +77,8 @@ def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
     previous = store.active(name)
     spec.inherit((previous.manifest.get("schema") or previous.manifest.get("options")) if previous else None)
     rows = rows_of(data, namespace, con, params)
-    return _commit("retrain", name, "automl", spec, data, rows, previous, engine("automl").train, store, ui, params)
+    train = functools.partial(engine("automl").train, rows_from=_newest(store, previous))
+    return _commit("retrain", name, "automl", spec, data, rows, previous, train, store, ui, params)
 
 
 def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, params=None, **options) -> Version:
@@ -150,10 +152,38 @@ def load(name: str, version: int | None = None, *, store=None, kind: str | None 
     return engine(current.kind).load(current)
 
 
+def drift(name: str, data: Any = None, *, version: int | None = None, namespace=None, con=None, store=None):
+    """Per-column drift of the rows of ``data`` against the training rows of ``name`` (active
+    version or ``version``), without training: a DataFrame with each column's PSI, share of
+    unseen categories and of nulls, the largest PSI first. Without ``data``: the figures the
+    version recorded when it was trained."""
+    import pandas as pd
+
+    current = _store(store).get(check_name(name), version, verify=data is not None)
+    if current.kind != "automl":
+        raise NbCustomError(f"{name} is a {current.kind} model: drift is measured for tabular and time-series models")
+    if data is None:
+        figures = current.manifest.get("drift")
+        if figures is None:
+            raise NbCustomError(f"{name}@{current.version} recorded no drift (it read no new rows of an earlier version): give a query, e.g. %nbc drift {name} SELECT * FROM new_rows")
+    else:
+        figures = engine("automl").drift(current, rows_of(data, namespace, con))
+        if figures is None:
+            raise NbCustomError(f"every row of the query is already among {name}@{current.version}'s training rows: there is nothing new to compare")
+    return pd.DataFrame(figures["columns"], columns=["column", "type", "psi", "unseen", "old_nulls", "new_nulls"])
+
+
 def _previous(store: Store, name: str, version: int | None) -> Version | None:
     if version is not None:
         return store.get(name, version)
     return store.active(name)
+
+
+def _newest(store: Store, previous: Version | None) -> Version | None:
+    """The newest version when it is newer than ``previous`` (it was not promoted): AutoML
+    runs build on its rows, so rows read into a version left inactive are not lost."""
+    newest = max((row["version"] for row in store.versions(previous.name)), default=None) if previous else None
+    return store.get(previous.name, newest) if previous and newest != previous.version else None
 
 
 def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, ui, params=None) -> Version:

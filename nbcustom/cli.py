@@ -26,8 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("--version", type=int)
     sp.add_argument("--into", help="also write the result to this table of --database")
     sp.add_argument("--output", help="write the result to this .csv or .parquet file")
-    sp = sub.add_parser("jobs", help="show jobs, or `jobs run`: run every due job once (for cron)")
+    sp = sub.add_parser("drift", help="per-column drift of a query's rows against NAME's training rows (or the recorded one)")
+    sp.add_argument("name", help="NAME or NAME@V")
+    sp.add_argument("sql", nargs="?", help="a DuckDB query; without it, the drift NAME recorded when it was trained")
+    sp.add_argument("--database", default=":memory:", help="DuckDB database file to query")
+    sp = sub.add_parser("jobs", help="show jobs, or `jobs run [NAME ...]`: run every due job (or the named ones) once, for cron")
     sp.add_argument("action", nargs="?", choices=["list", "run"], default="list")
+    sp.add_argument("names", nargs="*", help="with run: these jobs now, due or not (what `%%nbc job NAME --cron` schedules)")
     sp.add_argument("--database", help="DuckDB database file the jobs read (default: the one each job recorded)")
     args = p.parse_args(argv)
     store = Store(args.store)
@@ -36,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
             return _predict(args, store)
         if args.command == "jobs":
             return _jobs(args, store)
+        if args.command == "drift":
+            return _drift(args, store)
         result = catalog.command(store, " ".join([args.command, *args.args]))
     except NbCustomError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -64,6 +71,21 @@ def _predict(args, store: Store) -> int:
     return 0
 
 
+def _drift(args, store: Store) -> int:
+    import duckdb
+
+    from .store import parse_ref
+
+    name, version = parse_ref(args.name)
+    con = duckdb.connect(args.database)
+    try:
+        result = api.drift(name, args.sql, version=version, con=con, store=store)
+    finally:
+        con.close()
+    print(result.to_string(index=False))
+    return 0
+
+
 def _jobs(args, store: Store) -> int:
     from . import jobs
 
@@ -75,9 +97,9 @@ def _jobs(args, store: Store) -> int:
     if args.database:
         import duckdb
 
-        con = duckdb.connect(args.database)
+        con = duckdb.connect(args.database, read_only=True)
     try:
-        results = jobs.run_due(store, con=con)
+        results = jobs.run_due(store, con=con, names=args.names)
     finally:
         if con is not None:
             con.close()

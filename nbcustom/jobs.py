@@ -4,12 +4,16 @@ A job remembers the SQL, magic and options of the version it was made from. Ever
 ``every_seconds`` it runs them again (``%%retrain``, ``%%finetune`` or a ``%%rag`` refresh).
 With ``track=COL`` only rows whose COL is above the largest value seen so far are read:
 ``{{last}}`` in the SQL is that value, or the query is filtered on COL when it has no
-``{{last}}``. A run that finds no new rows records "nothing new" and makes no version.
+``{{last}}``. A run that finds no new rows records "nothing new" and makes no version; with
+``min_rows`` one that finds fewer waits for more (the rows stay unread). A job's versions
+are promoted by its own ``promote`` policy, ``if-better`` by default: unattended, a worse
+version is kept but never made the active one.
 
 In a kernel, jobs run on one background thread per store (``Scheduler``) so the notebook
 stays responsive; whatever they print goes to a log file, never into a cell. ``nbcustom
 jobs run`` runs every due job once from the command line; both record each run in the
-catalog's ``runs`` table with magic ``job``.
+catalog's ``runs`` table with magic ``job``. ``cron_line`` gives the crontab line that runs a
+job with ``nbcustom jobs run NAME`` instead of a kernel thread.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import atexit
 import datetime as _dt
 import re
+import shlex
 import sys
 import threading
 import uuid
@@ -25,6 +30,7 @@ from typing import Any, Mapping
 
 from . import api, data
 from .errors import NbCustomError
+from .promotion import JOB_DEFAULT, POLICIES
 from .store import Store, check_name, lock_file, unlock_file
 
 _EVERY = re.compile(r"(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?", re.I)
@@ -42,9 +48,20 @@ def parse_every(text: str | float) -> float:
 
 
 def schedule(store: Store, name: str, every: str | float, track: str | None = None, database: str = ":memory:",
-             namespace: Mapping[str, Any] | None = None, con=None) -> dict:
-    """Create or replace the job of ``name``: the first run is due one interval from now."""
+             namespace: Mapping[str, Any] | None = None, con=None, promote: str = JOB_DEFAULT,
+             min_rows: int | None = None, cron: bool = False) -> dict:
+    """Create or replace the job of ``name``: the first run is due one interval from now.
+    With ``cron`` the job is left to cron (``cron_line``), not to a kernel thread."""
     version = store.get(check_name(name))
+    if promote not in POLICIES:
+        raise NbCustomError(f"--promote must be one of {', '.join(POLICIES)}, not {promote!r}")
+    if min_rows is not None and (not track or min_rows < 1):
+        raise NbCustomError("--min-rows N needs --track COL (new rows are counted by it) and N of at least 1")
+    if cron:
+        cron_schedule(every)  # checked before anything is saved
+        if database in (None, ":memory:"):
+            raise NbCustomError("a cron job cannot read the kernel's in-memory database: %config NbCustom.database = 'shop.duckdb' first")
+        database = str(Path(database).absolute())
     manifest = version.manifest
     if not manifest.get("sql") or manifest.get("magic") not in _RUNNERS:
         raise NbCustomError(f"{name}@{version.version} was not made from a SQL query by a magic: run %%retrain/%%finetune/%%rag with SQL first")
@@ -55,7 +72,8 @@ def schedule(store: Store, name: str, every: str | float, track: str | None = No
     seconds = parse_every(every)
     job = {
         "name": name, "every_seconds": seconds, "track": track, "last_value": last, "database": database,
-        "status": "active", "next_due": now + _dt.timedelta(seconds=seconds), "created": now,
+        "status": "cron" if cron else "active", "next_due": now + _dt.timedelta(seconds=seconds), "created": now,
+        "promote": promote, "min_rows": min_rows,
     }
     store.save_job(job)
     return job
@@ -81,7 +99,7 @@ def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con
         if not lock_file(lock, blocking=False):
             return {"name": name, "status": "skipped: already running"}
         started = _dt.datetime.now()
-        record = {"id": uuid.uuid4().hex, "name": name, "magic": "job", "started": started, "rows_read": None, "version": None, "error": None}
+        record = {"id": uuid.uuid4().hex, "name": name, "magic": "job", "started": started, "rows_read": None, "version": None, "error": None, "promotion": None}
         last = job["last_value"]
         try:
             manifest = store.get(name, verify=False).manifest
@@ -90,26 +108,29 @@ def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con
             record["rows_read"] = len(rows)
             if rows.empty:
                 record["status"] = "nothing new"
+            elif len(rows) < (job.get("min_rows") or 0):
+                record["status"] = f"waiting: {len(rows)} of {job['min_rows']} new rows"
             else:
-                options = _options(manifest, job["track"])
+                options = {**_options(manifest, job["track"]), "promote": job.get("promote") or JOB_DEFAULT}
                 version = _RUNNERS[manifest["magic"]](name, sql, namespace=namespace, con=con, store=store, ui="none", params=params, **options)
-                record.update(status="ok", version=version.version)
+                decision = version.manifest.get("promotion", {})
+                record.update(status="ok" if decision.get("promote", True) else "ok, not promoted", version=version.version, promotion=decision.get("reason"))
                 if job["track"]:
                     last = _max(rows[job["track"]], last)
         except Exception as e:  # recorded, not raised: a job's failure must not stop later runs
             record.update(status="error", error=f"{type(e).__name__}: {e}" if not isinstance(e, NbCustomError) else str(e))
         finally:
             unlock_file(lock)
-        store.record_run(name, "job", started, record["status"], record["rows_read"], record["version"], record["error"])
+        store.record_run(name, "job", started, record["status"], record["rows_read"], record["version"], record["error"], record["promotion"])
         current = _job(store, name)  # may have been stopped meanwhile
         store.save_job({**current, "last_value": last, "next_due": _dt.datetime.now() + _dt.timedelta(seconds=current["every_seconds"])})
         return record
 
 
-def run_due(store: Store, namespace=None, con=None) -> list[dict]:
-    """Run every due job once (``nbcustom jobs run``)."""
+def run_due(store: Store, namespace=None, con=None, names=()) -> list[dict]:
+    """Run every due job once (``nbcustom jobs run``), or the jobs ``names`` now (cron)."""
     results = []
-    for job in due(store):
+    for job in [_job(store, name) for name in names] or due(store):
         if con is None and job["database"] in (None, ":memory:"):
             store.record_run(job["name"], "job", _dt.datetime.now(), "error", error="the job reads the kernel's in-memory database; use %config NbCustom.database = 'file.duckdb' to run it outside the kernel")
             store.save_job({**job, "next_due": _dt.datetime.now() + _dt.timedelta(seconds=job["every_seconds"])})
@@ -117,7 +138,7 @@ def run_due(store: Store, namespace=None, con=None) -> list[dict]:
             continue
         import duckdb
 
-        connection = con if con is not None else duckdb.connect(job["database"])
+        connection = con if con is not None else duckdb.connect(job["database"], read_only=True)  # a job only reads
         try:
             results.append(run(store, job["name"], namespace, connection))
         finally:
@@ -127,19 +148,45 @@ def run_due(store: Store, namespace=None, con=None) -> list[dict]:
 
 
 def table(store: Store, runs_per_job: int = 5):
-    """Jobs and their recent runs, as one DataFrame (``%nbc jobs``)."""
+    """Jobs and their recent runs, as one DataFrame (``%nbc jobs``), with the promotion
+    decision and the largest drift of the last run that made a version."""
     import pandas as pd
 
+    columns = ["name", "status", "every_seconds", "track", "last_value", "next_due", "promote", "min_rows",
+               "recent_runs", "last_promotion", "largest_drift"]
     rows = []
     for job in store.jobs():
-        recent = store.runs(job["name"], limit=50)
-        recent = [r for r in recent if r["magic"] == "job"][:runs_per_job]
+        recent = [r for r in store.runs(job["name"], limit=50) if r["magic"] == "job"]
+        made = next((r for r in recent if r["version"]), None)
         rows.append({
-            "name": job["name"], "status": job["status"], "every_seconds": job["every_seconds"], "track": job["track"],
-            "last_value": job["last_value"], "next_due": job["next_due"],
-            "recent_runs": "; ".join(f"{r['started']:%H:%M:%S} {r['status']}" + (f" v{r['version']}" if r["version"] else "") for r in recent),
+            **{k: job.get(k) for k in columns[:8]}, "promote": job.get("promote") or JOB_DEFAULT,
+            "recent_runs": "; ".join(f"{r['started']:%H:%M:%S} {r['status']}" + (f" v{r['version']}" if r["version"] else "") for r in recent[:runs_per_job]),
+            "last_promotion": f"v{made['version']}: {made['promotion']}" if made and made.get("promotion") else None,
+            "largest_drift": _largest_drift(store, job["name"], made["version"]) if made else None,
         })
-    return pd.DataFrame(rows, columns=["name", "status", "every_seconds", "track", "last_value", "next_due", "recent_runs"])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def cron_schedule(every: str | float) -> str:
+    """The crontab schedule fields for an interval: whole minutes below an hour, whole hours
+    below a day, or whole days."""
+    seconds = parse_every(every)
+    for unit, most, field in ((86400, 31, "0 0 */{} * *"), (3600, 23, "0 */{} * * *"), (60, 59, "*/{} * * * *")):
+        if seconds % unit == 0 and 1 <= seconds // unit <= most:
+            return field.format(int(seconds // unit)).replace("*/1 ", "* ")
+    raise NbCustomError(f"--every {every}: for cron use whole minutes (1m-59m), hours (1h-23h) or days (1d-31d)")
+
+
+def cron_line(store: Store, name: str) -> str:
+    """The crontab line that runs the job of ``name`` with ``nbcustom jobs run NAME``: every
+    path absolute, its output appended to the store's ``.jobs/cron.log``."""
+    job = _job(store, name)
+    every = job["every_seconds"]
+    command = Path(sys.executable).with_name("nbcustom")
+    program = [str(command)] if command.exists() else [sys.executable, "-m", "nbcustom.cli"]
+    words = [*program, "--store", str(store.root), "jobs", "run", name, "--database", job["database"]]
+    log = store.root / ".jobs" / "cron.log"
+    return f"{cron_schedule(every)} cd {shlex.quote(str(Path.cwd()))} && {shlex.join(words)} >> {shlex.quote(str(log))} 2>&1"
 
 
 class Scheduler(threading.Thread):
@@ -240,6 +287,15 @@ def _route_job_output() -> None:
 
 
 # --- helpers ------------------------------------------------------------------------------
+def _largest_drift(store: Store, name: str, version: int) -> str | None:
+    try:
+        drift = store.get(name, version, verify=False).manifest.get("drift")
+    except NbCustomError:  # the version was removed since
+        return None
+    top = drift["columns"][0] if drift and drift["columns"] else None
+    return f"{top['column']} PSI {top['psi']:.2f}" if top else None
+
+
 def _job(store: Store, name: str) -> dict:
     for job in store.jobs():
         if job["name"] == name:

@@ -11,7 +11,7 @@ from traitlets import Enum, Unicode, observe
 from . import api, data, flags, store as _store
 from .display import Summary, summary_bundle
 from .errors import NbCustomError
-from .specs import FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
+from .specs import PROMOTE, FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
 
 _PARSERS = {
     "finetune": flags.parser("finetune", FinetuneSpec),
@@ -103,11 +103,14 @@ class NbCustom(Magics):
     @line_magic
     def nbc(self, line: str):
         """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
-        compare NAME V1 V2 | runs [NAME] | job NAME --every 10m [--track COL] | job NAME --stop | jobs"""
+        compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | jobs |
+        job NAME --every 10m [--track COL] [--min-rows N] [--promote if-better] [--cron] | job NAME --stop"""
         from . import catalog
 
         if line.split()[:1] in (["job"], ["jobs"]):
             return self._jobs(line)
+        if line.split()[:1] == ["drift"]:
+            return self._drift(line)
         result = catalog.command(_store.Store(self.store), line)
         if isinstance(result, str):
             print(result)
@@ -116,6 +119,14 @@ class NbCustom(Magics):
         else:
             return result
 
+
+    def _drift(self, line: str):
+        words = line.split(maxsplit=2)
+        if len(words) < 2:
+            raise NbCustomError("use %nbc drift NAME [SQL]: the drift of the query's rows (or the recorded one) against NAME's training rows")
+        name, version = _store.parse_ref(words[1])
+        context = self._context({})
+        return api.drift(name, words[2] if len(words) > 2 else None, version=version, namespace=context["namespace"], con=context["con"], store=self.store)
 
     def _jobs(self, line: str):
         from . import jobs
@@ -133,7 +144,11 @@ class NbCustom(Magics):
         if not args.get("every"):
             raise NbCustomError(f"%nbc job {args['name']} needs --every, e.g. --every 10m")
         context = self._context(args)
-        job = jobs.schedule(store, args["name"], args["every"], args.get("track"), self.database, context["namespace"], context["con"])
+        job = jobs.schedule(store, args["name"], args["every"], args.get("track"), self.database, context["namespace"], context["con"],
+                            promote=args["promote"], min_rows=args.get("min_rows"), cron=args["cron"])
+        if args["cron"]:
+            print(f"# add this line to your crontab (crontab -e); {job['name']} then runs outside the kernel:\n{jobs.cron_line(store, job['name'])}")
+            return None
         jobs.Scheduler.ensure(store, self.shell.user_ns, self.session)
         print(f"{job['name']}: runs every {job['every_seconds']:g}s, next at {job['next_due']:%H:%M:%S}"
               + (f", reading rows with {job['track']} > {job['last_value']!r}" if job["track"] else ""))
@@ -145,6 +160,9 @@ _JOB_PARSER.add_argument("name", nargs="?")
 _JOB_PARSER.add_argument("--every")
 _JOB_PARSER.add_argument("--track")
 _JOB_PARSER.add_argument("--stop", action="store_true")
+_JOB_PARSER.add_argument("--promote", choices=PROMOTE, default="if-better")
+_JOB_PARSER.add_argument("--min-rows", type=int)
+_JOB_PARSER.add_argument("--cron", action="store_true")
 
 
 def load_ipython_extension(shell) -> None:

@@ -11,8 +11,12 @@ from __future__ import annotations
 from ...errors import NbCustomError
 
 
-def train(spec, rows, previous, build, display):
-    """``%%retrain``: a new version trained from scratch on the previous rows plus ``rows``."""
+def train(spec, rows, previous, build, display, rows_from=None):
+    """``%%retrain``: a new version trained from scratch on the previous rows plus ``rows``.
+
+    ``rows_from``: a later version than ``previous`` (one left inactive) whose rows to build
+    on instead, so rows a job read into it are not lost; ``previous`` stays the version the
+    new one is compared with."""
     task = "timeseries" if spec.timestamp else "tabular"
     if previous is not None and previous.manifest.get("task", task) != task:
         raise NbCustomError(
@@ -20,13 +24,13 @@ def train(spec, rows, previous, build, display):
             + ("add --timestamp COL" if task == "tabular" else "drop --timestamp")
             + " or choose another name"
         )
-    return _task(task).train(spec, rows, previous, build, display)
+    return _task(task).train(spec, rows, previous, build, display, rows_from)
 
 
-def update(spec, rows, previous, build, display):
+def update(spec, rows, previous, build, display, rows_from=None):
     """``%%finetune`` on an AutoML model: fit on ``rows`` only, reusing the previous
     version's model type and hyperparameters (no search)."""
-    return _task(previous.manifest.get("task", "tabular")).update(spec, rows, previous, build, display)
+    return _task(previous.manifest.get("task", "tabular")).update(spec, rows, previous, build, display, rows_from)
 
 
 def drift(version, rows):

@@ -15,11 +15,12 @@ REGRESSION_METRICS = ("root_mean_squared_error", "mean_absolute_error", "r2")
 
 
 # --- %%retrain ------------------------------------------------------------------------
-def train(spec, rows, previous, build, display) -> Outcome:
+def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     target = spec.target
     require_columns(rows, {"--target": target, "--key": spec.key})
-    old = previous_rows(previous)
+    base = rows_from or previous
+    old = previous_rows(base)
     if previous is not None and previous.manifest.get("target") not in (None, target):
         raise NbCustomError(f"{previous.name} predicts {previous.manifest['target']!r}, not {target!r}: choose another name to predict {target}")
     data, counts = accumulate(old, rows, spec.key)
@@ -44,12 +45,12 @@ def train(spec, rows, previous, build, display) -> Outcome:
     outcome = _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, key=spec.key)
     outcome.info.update(schema={"target": target, "key": spec.key}, time_limit=spec.time_limit)
     if old is not None:
-        _drift.attach(outcome, _drift.report(old, rows, f"v{previous.version}", skip=[spec.key]))
+        _drift.attach(outcome, _drift.report(old, rows, f"v{base.version}", skip=[spec.key]))
     return outcome
 
 
 # --- %%finetune on an AutoML model ------------------------------------------------------
-def update(spec, rows, previous, build, display) -> Outcome:
+def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     target = previous.manifest["target"]
     require_columns(rows, {"target column": target}, hint=f"; {previous.name} predicts {target}")
@@ -78,12 +79,12 @@ def update(spec, rows, previous, build, display) -> Outcome:
         )
     fit_seconds = time.monotonic() - started
     # a later %%retrain starts from everything seen so far, not only this update's rows
-    data, counts = accumulate(previous_rows(previous), rows, schema.get("key"))
+    data, counts = accumulate(previous_rows(rows_from or previous), rows, schema.get("key"))
     counts.update(trained=len(train_part), held_out=len(holdout), missing_target=missing)
     outcome = _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, reused=reused, old=old_predictor)
     outcome.info.update(schema=schema, time_limit=time_limit)
     outcome.notes.append(f"update on the {len(new_rows)} new rows only, with v{previous.version}'s {reused['model']} hyperparameters; holdout = {len(holdout)} of the new rows")
-    _drift.attach(outcome, drift(previous, rows))
+    _drift.attach(outcome, drift(rows_from or previous, rows))
     return outcome
 
 

@@ -28,14 +28,15 @@ PRETRAINED = {
 
 
 # --- %%retrain ------------------------------------------------------------------------
-def train(spec, rows, previous, build, display) -> Outcome:
+def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     target, stamp, item, horizon = spec.target, spec.timestamp, spec.item_id, spec.horizon
     require_columns(rows, {"--target": target, "--timestamp": stamp, "--item-id": item})
     new = _clean(rows, target, stamp, item)
-    old = previous_rows(previous)
+    base = rows_from or previous
+    old = previous_rows(base)
     if old is not None:
-        require_columns(old, {"--item-id": item}, hint=f"; v{previous.version} had no such column")
+        require_columns(old, {"--item-id": item}, hint=f"; v{base.version} had no such column")
         old = _clean(old, target, stamp, item)
     data, counts = accumulate(old, new, [c for c in (item, stamp) if c])
     data = data.sort_values([c for c in (item, stamp) if c], kind="stable").reset_index(drop=True)
@@ -66,12 +67,12 @@ def train(spec, rows, previous, build, display) -> Outcome:
         outcome.info["skipped_models"] = skipped
         outcome.notes.extend(skipped)
     if old is not None:
-        _drift.attach(outcome, _drift.report(old, new, f"v{previous.version}", skip=[stamp]))
+        _drift.attach(outcome, _drift.report(old, new, f"v{base.version}", skip=[stamp]))
     return outcome
 
 
 # --- %%finetune on an AutoML model ------------------------------------------------------
-def update(spec, rows, previous, build, display) -> Outcome:
+def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     schema = previous.manifest["schema"]
     target, stamp, item, horizon = schema["target"], schema["timestamp"], schema.get("item_id"), schema["horizon"]
@@ -99,13 +100,13 @@ def update(spec, rows, previous, build, display) -> Outcome:
             enable_ensemble=False, skip_model_selection=True, random_seed=spec.seed,
         )
     fit_seconds = time.monotonic() - started
-    old = _clean(previous_rows(previous), target, stamp, item)
+    old = _clean(previous_rows(rows_from or previous), target, stamp, item)
     data, counts = accumulate(old, new, [c for c in (item, stamp) if c])
     counts.update(trained=len(train_part), held_out=len(series) - len(train_part), series=series.num_items)
     outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed, old_predictor)
     outcome.info.update(reused=reused, schema=schema, time_limit=time_limit)
     outcome.notes.append(f"update on the new rows only, with v{previous.version}'s {reused['model']} hyperparameters; holdout = the last {horizon} new steps of each series")
-    _drift.attach(outcome, _drift.report(old, new, f"v{previous.version}", skip=[stamp]))
+    _drift.attach(outcome, _drift.report(old, new, f"v{(rows_from or previous).version}", skip=[stamp]))
     return outcome
 
 

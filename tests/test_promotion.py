@@ -1,0 +1,189 @@
+"""Promotion: the --promote decision, and what a version left inactive looks like in the store,
+the runs table, %%predict and the summary; jobs' --min-rows and --cron (real AutoGluon,
+real DuckDB files, the crontab line run by sh)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import duckdb
+import numpy as np
+import pandas as pd
+import pytest
+
+import nbcustom
+from nbcustom.display.render import fmt
+from nbcustom.engines import Outcome
+from nbcustom.engines.automl.common import in_holdout
+from nbcustom.errors import NbCustomError
+from nbcustom.promotion import decide
+from nbcustom.store import Store, Version
+
+TIME_LIMIT = 5
+
+
+# --- the decision (no training) ----------------------------------------------------------
+def outcome(before, after, metric="MASE", higher=False, label="v1"):
+    info = {"eval_metric": metric, "higher_is_better": higher}
+    return Outcome(before={metric: before}, after={metric: after}, info=info, before_label=label)
+
+
+def test_decision_follows_the_metric_direction_and_the_policy(tmp_path):
+    v1 = Version("co2", 1, tmp_path, {"kind": "automl"})
+    worse = decide("if-better", outcome(1.60, 2.26), v1)
+    assert (worse.promote, worse.worse, worse.metric, worse.new, worse.old) == (False, True, "MASE", 2.26, 1.60)
+    assert worse.reason == "not promoted: MASE 2.26 vs v1's 1.6 on the same holdout (worse, --promote if-better)"
+    assert decide("if-better", outcome(1.60, 1.20), v1).promote
+    assert decide("if-better", outcome(1.60, 1.60), v1).promote  # a tie is not worse
+    # accuracy: higher is better
+    assert decide("if-better", outcome(0.9, 0.8, "accuracy", higher=True), v1).worse
+    assert not decide("if-better", outcome(0.8, 0.9, "accuracy", higher=True), v1).worse
+    always = decide("always", outcome(1.60, 2.26), v1)
+    assert always.promote and always.worse
+    assert always.line("co2", 2) == "v2 is worse than v1 on the same holdout: MASE 2.26 vs 1.6 — `%nbc activate co2 1` to roll back"
+    never = decide("never", outcome(1.60, 1.20), v1)
+    assert not never.promote and not never.worse and never.line("co2", 2).startswith("v2 is saved inactive")
+    # an LLM: eval_loss, lower is better
+    llm = Outcome(before={"eval_loss": 1.2, "token_f1": 0.3}, after={"eval_loss": 1.4, "token_f1": 0.5}, before_label="v1")
+    assert decide("if-better", llm, v1).worse
+    # a RAG refresh has no holdout metric: always promoted unless --promote never
+    rag = Outcome(counts={"added": 3})
+    assert decide("if-better", rag, v1).promote and not decide("never", rag, v1).promote
+    # a forecast compared with a baseline (another horizon) is not compared with v1
+    assert decide("if-better", outcome(1.0, 9.0, label="baseline"), v1).promote
+    assert decide("never", outcome(1.0, 9.0), None).promote  # the first version is the only one
+
+
+def test_bad_promote_option_is_one_line_and_writes_nothing(store_dir):
+    with pytest.raises(NbCustomError, match="--promote must be one of always, if-better, never, not 'sometimes'"):
+        nbcustom.retrain("m", pd.DataFrame({"x": range(20), "y": range(20)}), store=store_dir, target="y", promote="sometimes")
+    assert not store_dir.exists()
+
+
+# --- a second retrain that is worse by construction -----------------------------------------
+def clean(ids) -> pd.DataFrame:
+    ids = np.asarray(list(ids))
+    x = (ids * 0.6180339887) % 1.0
+    return pd.DataFrame({"id": ids, "x": x, "y": 10.0 * x})
+
+
+def poisoned(ids) -> pd.DataFrame:
+    """New rows whose target is corrupted (+40) wherever the row trains, and clean wherever it
+    lands in the holdout (membership is a hash of --key id): v2 learns the corruption, v1
+    never saw it, and both are scored on clean rows, so v2 is worse whatever models AutoGluon
+    picks in its time limit."""
+    rows = clean(ids)
+    trains = ~in_holdout(rows, 0.2, "id")
+    rows.loc[trains, "y"] += 40.0
+    return rows
+
+
+@pytest.fixture(scope="module")
+def worse_store(tmp_path_factory):
+    """``prices`` v1 on clean rows, and the rows for a v2 that is worse."""
+    root = tmp_path_factory.mktemp("promotion") / "store"
+    first = clean(range(200))
+    nbcustom.retrain("prices", first, store=root, ui="none", target="y", key="id", time_limit=TIME_LIMIT)
+    return root, pd.concat([first, poisoned(range(1000, 1300))], ignore_index=True)
+
+
+@pytest.mark.slow
+def test_if_better_keeps_a_worse_version_inactive(ip, store_dir, worse_store):
+    shutil.copytree(worse_store[0], store_dir)
+    ip.user_ns["sales"] = worse_store[1]
+    ip.run_cell_magic("retrain", f"prices --time-limit {TIME_LIMIT} --promote if-better", "SELECT * FROM sales")
+    store = Store(store_dir)
+    v2 = store.get("prices", 2)
+    decision, metrics = v2.manifest["promotion"], v2.manifest["metrics"]
+    metric = v2.manifest["eval_metric"]
+    assert metric == "root_mean_squared_error" and decision["metric"] == metric
+    assert decision["new"] == metrics["after"][metric] > decision["old"] == metrics["before"][metric]
+    assert decision["worse"] and not decision["promote"]
+    assert store.active_version("prices") == 1
+    listing = ip.run_line_magic("nbc", "versions prices")
+    row = listing.set_index("version").loc[2]
+    assert not row["active"] and row["promotion"].startswith("not promoted: root_mean_squared_error") and "worse" in row["promotion"]
+    run = next(r for r in store.runs("prices") if r["version"] == 2)
+    assert run["status"] == "ok" and run["promotion"] == row["promotion"]
+    # %%predict uses v1, the active version
+    ip.user_ns["probe"] = clean(range(5000, 5020))
+    predicted = ip.run_cell_magic("predict", "prices", "SELECT * FROM probe")
+    by_v1 = nbcustom.load("prices", 1, store=store_dir).predict(clean(range(5000, 5020)))
+    by_v2 = nbcustom.load("prices", 2, store=store_dir).predict(clean(range(5000, 5020)))
+    assert np.allclose(predicted["prediction"], by_v1["prediction"])
+    assert not np.allclose(predicted["prediction"], by_v2["prediction"])
+    # the drift of the new rows: the target moved most
+    assert v2.manifest["drift"]["columns"][0]["column"] == "y" and v2.manifest["drift"]["new_rows"] == 300
+    # the version left inactive is kept and can be activated
+    ip.run_line_magic("nbc", "activate prices 2")
+    assert store.active_version("prices") == 2
+
+
+@pytest.mark.slow
+def test_by_default_a_worse_version_is_active_with_one_warning_line(ip, store_dir, worse_store, capsys):
+    shutil.copytree(worse_store[0], store_dir)
+    ip.user_ns["sales"] = worse_store[1]
+    capsys.readouterr()
+    ip.run_cell_magic("retrain", f"prices --time-limit {TIME_LIMIT}", "SELECT * FROM sales")
+    out = capsys.readouterr().out
+    store = Store(store_dir)
+    v2 = store.get("prices", 2)
+    decision = v2.manifest["promotion"]
+    assert store.active_version("prices") == 2 and decision["promote"] and decision["worse"]
+    line = (f"v2 is worse than v1 on the same holdout: root_mean_squared_error {fmt(decision['new'])} vs {fmt(decision['old'])}"
+            " — `%nbc activate prices 1` to roll back")
+    assert [text for text in out.splitlines() if "is worse than" in text] == [line]
+    assert "drift of the 300 new rows against v1's rows, PSI by column: y " in out
+
+
+# --- jobs: --min-rows and --cron ----------------------------------------------------------------
+@pytest.mark.slow
+def test_cron_job_waits_for_min_rows_then_makes_the_next_version(ip, store_dir, tmp_path, capsys):
+    """Acceptance 2 and 4: the printed crontab line, run by sh, makes no version from 30 new
+    rows and one from 60, reading a DuckDB file."""
+    database = tmp_path / "shop.duckdb"
+    con = duckdb.connect(str(database))
+    con.register("first", clean(range(200)))
+    con.execute("CREATE TABLE sales AS SELECT * FROM first")
+    con.close()
+    ip.run_line_magic("config", f"NbCustom.database = {str(database)!r}")
+    try:
+        ip.run_cell_magic("retrain", f"prices --target y --time-limit {TIME_LIMIT}", "SELECT * FROM sales")
+        capsys.readouterr()
+        ip.run_line_magic("nbc", "job prices --every 10m --track id --min-rows 50 --cron")
+    finally:
+        ip.run_line_magic("config", "NbCustom.database = ':memory:'")  # the kernel lets go of the file
+    printed = capsys.readouterr().out.strip().splitlines()
+    line = printed[-1]
+    schedule, command = line[: len("*/10 * * * *")], line[len("*/10 * * * *") + 1:]
+    assert schedule == "*/10 * * * *" and f"--store {store_dir}" in command and f"--database {database}" in command
+    assert " jobs run prices " in command and command.endswith(f">> {store_dir / '.jobs' / 'cron.log'} 2>&1")
+    store = Store(store_dir)
+    assert store.jobs()[0]["status"] == "cron"  # not run by a kernel thread
+
+    def add(ids):
+        con = duckdb.connect(str(database))
+        con.register("more", clean(ids))
+        con.execute("INSERT INTO sales SELECT * FROM more")
+        con.close()
+
+    def cron():
+        subprocess.run(["sh", "-c", command], check=True, timeout=300, env={**os.environ})
+        return [r for r in store.runs("prices", limit=100) if r["magic"] == "job"][0]
+
+    add(range(2000, 2030))
+    run = cron()
+    assert run["status"] == "waiting: 30 of 50 new rows" and run["version"] is None and run["rows_read"] == 30
+    assert len(store.versions("prices")) == 1
+    add(range(2030, 2060))
+    run = cron()
+    assert run["rows_read"] == 60 and run["version"] == 2 and run["status"].startswith("ok")
+    v2 = store.get("prices", 2)
+    assert v2.manifest["counts"]["new"] == 60 and v2.manifest["options"]["promote"] == "if-better"
+    assert run["promotion"] == v2.manifest["promotion"]["reason"]
+    table = ip.run_line_magic("nbc", "jobs")
+    assert table.loc[0, "last_promotion"] == f"v2: {run['promotion']}"
+    assert table.loc[0, "largest_drift"].startswith(v2.manifest["drift"]["columns"][0]["column"] + " PSI ")
+    assert "prices: ok" in (store_dir / ".jobs" / "cron.log").read_text()
