@@ -167,7 +167,7 @@ def drift(name: str, data: Any = None, *, version: int | None = None, namespace=
         if figures is None:
             raise NbCustomError(f"{name}@{current.version} recorded no drift (it read no new rows of an earlier version): give a query, e.g. %nbc drift {name} SELECT * FROM new_rows")
     else:
-        figures = engine("automl").drift(current, rows_of(data, namespace, con))
+        figures = engine("automl").drift_of(current, rows_of(data, namespace, con))
         if figures is None:
             raise NbCustomError(f"every row of the query is already among {name}@{current.version}'s training rows: there is nothing new to compare")
     return pd.DataFrame(figures["columns"], columns=["column", "type", "psi", "unseen", "old_nulls", "new_nulls"])

@@ -33,7 +33,7 @@ def update(spec, rows, previous, build, display, rows_from=None):
     return _task(previous.manifest.get("task", "tabular")).update(spec, rows, previous, build, display, rows_from)
 
 
-def drift(version, rows):
+def drift_of(version, rows):
     """Per-column drift of ``rows`` against ``version``'s training rows (see ``drift``)."""
     return _task(version.manifest.get("task", "tabular")).drift(version, rows)
 
