@@ -186,6 +186,7 @@ def cron_line(store: Store, name: str) -> str:
     program = [str(command)] if command.exists() else [sys.executable, "-m", "nbcustom.cli"]
     words = [*program, "--store", str(store.root), "jobs", "run", name, "--database", job["database"]]
     log = store.root / ".jobs" / "cron.log"
+    log.parent.mkdir(parents=True, exist_ok=True)  # the shell opens the log before nbcustom runs
     return f"{cron_schedule(every)} cd {shlex.quote(str(Path.cwd()))} && {shlex.join(words)} >> {shlex.quote(str(log))} 2>&1"
 
 
