@@ -187,3 +187,49 @@ def test_cron_job_waits_for_min_rows_then_makes_the_next_version(ip, store_dir, 
     assert table.loc[0, "last_promotion"] == f"v2: {run['promotion']}"
     assert table.loc[0, "largest_drift"].startswith(v2.manifest["drift"]["columns"][0]["column"] + " PSI ")
     assert "prices: ok" in (store_dir / ".jobs" / "cron.log").read_text()
+
+
+# --- drift without training -------------------------------------------------------------------
+def test_nbc_drift_measures_a_query_against_the_training_rows_without_training(ip, store_dir, worse_store):
+    from conftest import snapshot
+
+    shutil.copytree(worse_store[0], store_dir)
+    before = snapshot(store_dir)
+    moved = clean(range(3000, 3200))
+    moved["x"] += 2 * moved["x"].std()  # two standard deviations
+    moved["y"] = 10.0 * moved["x"]
+    moved["colour"] = "red"  # a column v1 never had is not compared
+    ip.user_ns["moved"] = moved
+    figures = ip.run_line_magic("nbc", "drift prices SELECT * FROM moved")
+    assert list(figures["column"][:2]) == ["x", "y"] and figures["psi"].iloc[0] > 0.25
+    assert "id" not in set(figures["column"]) and "colour" not in set(figures["column"])
+    steady = ip.run_line_magic("nbc", "drift prices@1 SELECT * FROM range(200, 400) t(id), LATERAL (SELECT (id * 0.6180339887) % 1.0 AS x), LATERAL (SELECT 10 * x AS y)")
+    assert steady["psi"].max() < 0.1
+    with pytest.raises(NbCustomError, match="prices@1 recorded no drift"):
+        ip.run_line_magic("nbc", "drift prices")
+    assert snapshot(store_dir) == before
+
+
+@pytest.mark.slow
+def test_timeseries_drift_counts_a_new_series_and_never_keeps_v2_inactive(ip, store_dir):
+    days = pd.date_range("2026-01-01", periods=120, freq="D")
+    rng = np.random.default_rng(0)
+    wave = lambda n, level: level + 5 * np.sin(np.arange(n) * 2 * np.pi / 7) + rng.normal(0, 1, n)  # noise: MASE needs it
+    old = pd.concat([pd.DataFrame({"shop": s, "day": days[:90], "sold": wave(90, lvl)}) for s, lvl in (("a", 20), ("b", 40))])
+    new = pd.concat([pd.DataFrame({"shop": s, "day": days[90:], "sold": wave(30, lvl)}) for s, lvl in (("a", 20), ("b", 40))]
+                    + [pd.DataFrame({"shop": "c", "day": days, "sold": wave(120, 200)})])
+    ip.user_ns.update(old_sales=old, new_sales=new)
+    options = "--target sold --timestamp day --item-id shop --horizon 7 --metric MASE --time-limit 60"  # an upper bound: a loaded machine spends much of it before fitting
+    ip.run_cell_magic("retrain", f"shops {options}", "SELECT * FROM old_sales")
+    ip.run_cell_magic("retrain", "shops --promote never --metric MASE --time-limit 60", "SELECT * FROM new_sales")
+    store = Store(store_dir)
+    v2 = store.get("shops", 2)
+    assert store.active_version("shops") == 1 and not v2.manifest["promotion"]["promote"]
+    decision, metrics = v2.manifest["promotion"], v2.manifest["metrics"]
+    assert decision["metric"] == "MASE" and v2.manifest["higher_is_better"] is False
+    assert decision["worse"] == (metrics["after"]["MASE"] > metrics["before"]["MASE"])
+    drift = {c["column"]: c for c in v2.manifest["drift"]["columns"]}
+    assert set(drift) == {"shop", "sold"}  # the timestamp is left out
+    assert drift["shop"]["unseen"] == pytest.approx(120 / 180, abs=1e-3)  # series c is new
+    assert drift["sold"]["psi"] > 0.25  # c sells ten times more
+    assert ip.run_line_magic("nbc", "drift shops@2").equals(nbcustom.drift("shops", version=2, store=store_dir))
