@@ -105,7 +105,8 @@ def _jobs(args, store: Store) -> int:
             con.close()
     for result in results:
         print(f"{result['name']}: {result['status']}" + (f" -> v{result['version']}" if result.get("version") else "")
-              + (f" ({result['error']})" if result.get("error") else ""))
+              + (f" ({result['error']})" if result.get("error") else "")
+              + (f" ({result['promotion']})" if (result.get("promotion") or "").startswith("not promoted") else ""))
     if not results:
         print("no job is due")
     return 0

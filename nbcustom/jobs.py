@@ -113,8 +113,7 @@ def run(store: Store, name: str, namespace: Mapping[str, Any] | None = None, con
             else:
                 options = {**_options(manifest, job["track"]), "promote": job.get("promote") or JOB_DEFAULT}
                 version = _RUNNERS[manifest["magic"]](name, sql, namespace=namespace, con=con, store=store, ui="none", params=params, **options)
-                decision = version.manifest.get("promotion", {})
-                record.update(status="ok" if decision.get("promote", True) else "ok, not promoted", version=version.version, promotion=decision.get("reason"))
+                record.update(status="ok", version=version.version, promotion=version.manifest["promotion"]["reason"])
                 if job["track"]:
                     last = _max(rows[job["track"]], last)
         except Exception as e:  # recorded, not raised: a job's failure must not stop later runs

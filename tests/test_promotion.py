@@ -179,7 +179,7 @@ def test_cron_job_waits_for_min_rows_then_makes_the_next_version(ip, store_dir, 
     assert len(store.versions("prices")) == 1
     add(range(2030, 2060))
     run = cron()
-    assert run["rows_read"] == 60 and run["version"] == 2 and run["status"].startswith("ok")
+    assert run["rows_read"] == 60 and run["version"] == 2 and run["status"] == "ok"
     v2 = store.get("prices", 2)
     assert v2.manifest["counts"]["new"] == 60 and v2.manifest["options"]["promote"] == "if-better"
     assert run["promotion"] == v2.manifest["promotion"]["reason"]
@@ -233,3 +233,31 @@ def test_timeseries_drift_counts_a_new_series_and_never_keeps_v2_inactive(ip, st
     assert drift["shop"]["unseen"] == pytest.approx(120 / 180, abs=1e-3)  # series c is new
     assert drift["sold"]["psi"] > 0.25  # c sells ten times more
     assert ip.run_line_magic("nbc", "drift shops@2").equals(nbcustom.drift("shops", version=2, store=store_dir))
+
+
+def test_an_older_catalog_gains_the_promotion_columns_when_opened(store_dir):
+    store_dir.mkdir()
+    con = duckdb.connect(str(store_dir / "catalog.duckdb"))
+    con.execute("""
+        CREATE TABLE models (name VARCHAR PRIMARY KEY, kind VARCHAR, active INTEGER, created TIMESTAMP, updated TIMESTAMP);
+        CREATE TABLE versions (name VARCHAR, version INTEGER, kind VARCHAR, status VARCHAR, created TIMESTAMP,
+            rows_trained BIGINT, metrics JSON, PRIMARY KEY (name, version));
+        CREATE TABLE runs (id VARCHAR PRIMARY KEY, name VARCHAR, magic VARCHAR, started TIMESTAMP, ended TIMESTAMP,
+            status VARCHAR, rows_read BIGINT, version INTEGER, error VARCHAR);
+        INSERT INTO models VALUES ('m', 'automl', 1, now(), now());
+        INSERT INTO versions VALUES ('m', 1, 'automl', 'ready', now(), 10, '{}');""")
+    con.close()
+    store = Store(store_dir)
+    assert store.versions("m")[0]["promotion"] is None
+    store.record_run("m", "job", pd.Timestamp.now(), "nothing new")
+    assert store.runs("m")[0]["promotion"] is None and store.jobs() == []
+
+
+def test_cron_schedule_fields():
+    from nbcustom.jobs import cron_schedule
+
+    assert [cron_schedule(e) for e in ("1m", "10m", "1h", "6h", "1d", "7d", "2h")] == [
+        "* * * * *", "*/10 * * * *", "0 * * * *", "0 */6 * * *", "0 0 * * *", "0 0 */7 * *", "0 */2 * * *"]
+    for every in ("30s", "90m", "36h"):
+        with pytest.raises(NbCustomError, match="for cron use whole minutes"):
+            cron_schedule(every)
