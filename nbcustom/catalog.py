@@ -10,7 +10,7 @@ from .store import Store, parse_ref, parse_version
 
 USAGE = (
     "use: list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | "
-    "compare NAME V1 V2 | runs [NAME]"
+    "compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | jobs | job NAME --every 10m ..."
 )
 
 

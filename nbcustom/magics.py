@@ -11,6 +11,7 @@ from traitlets import Enum, Unicode, observe
 from . import api, data, flags, store as _store
 from .display import Summary, summary_bundle
 from .errors import NbCustomError
+from .promotion import JOB_DEFAULT
 from .specs import PROMOTE, FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
 
 _PARSERS = {
@@ -160,7 +161,7 @@ _JOB_PARSER.add_argument("name", nargs="?")
 _JOB_PARSER.add_argument("--every")
 _JOB_PARSER.add_argument("--track")
 _JOB_PARSER.add_argument("--stop", action="store_true")
-_JOB_PARSER.add_argument("--promote", choices=PROMOTE, default="if-better")
+_JOB_PARSER.add_argument("--promote", choices=PROMOTE, default=JOB_DEFAULT)
 _JOB_PARSER.add_argument("--min-rows", type=int)
 _JOB_PARSER.add_argument("--cron", action="store_true")
 
