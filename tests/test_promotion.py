@@ -116,7 +116,12 @@ def test_if_better_keeps_a_worse_version_inactive(ip, store_dir, worse_store):
     assert not np.allclose(predicted["prediction"], by_v2["prediction"])
     # the drift of the new rows: the target moved most
     assert v2.manifest["drift"]["columns"][0]["column"] == "y" and v2.manifest["drift"]["new_rows"] == 300
-    # the version left inactive is kept and can be activated
+    # the next retrain builds on v2's rows (none is lost) and is compared with v1, the active one
+    ip.run_cell_magic("retrain", f"prices --time-limit {TIME_LIMIT} --promote never", "SELECT * FROM probe")
+    v3 = store.get("prices", 3)
+    assert v3.manifest["counts"]["previous"] == 500 and v3.manifest["promotion"]["against"] == 1
+    assert v3.manifest["drift"]["against"] == "v2" and store.active_version("prices") == 1
+    # a version left inactive is kept and can be activated
     ip.run_line_magic("nbc", "activate prices 2")
     assert store.active_version("prices") == 2
 
