@@ -12,7 +12,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data
+from . import data as _data, settings
 from .display import Summary, make_display
 from .engines import Outcome, engine
 from .errors import NbCustomError
@@ -28,11 +28,11 @@ LIBRARIES = {
 
 
 def default_store() -> str:
-    return os.environ.get("NBCUSTOM_STORE", "nbcustom_store")
+    return settings.get("store")
 
 
 def default_ui() -> str:
-    return os.environ.get("NBCUSTOM_UI", "auto")
+    return settings.get("ui")
 
 
 def _store(store: str | os.PathLike | Store | None) -> Store:
