@@ -41,6 +41,7 @@ def _store(store: str | os.PathLike | Store | None) -> Store:
 
 def rows_of(data: Any, namespace: Mapping[str, Any] | None = None, con=None, params=None):
     """SQL text or a DataFrame -> a non-empty ``pandas.DataFrame``."""
+    namespace = namespace if namespace is not None else settings.namespace()
     frame = _data.to_pandas(data, namespace=namespace, con=con, params=params)
     if frame.empty:
         raise NbCustomError("the query returned no rows: check its WHERE clause and the table's contents")

@@ -2,7 +2,8 @@
 
 Once ``%load_ext nbcustom`` ran, the kernel's ``NbCustom`` magics are the source: a call
 without ``store=`` or ``ui=`` uses what ``%config NbCustom.x`` set, so magics and the API
-in one notebook share one store (the DuckDB database already is one session for both).
+in one notebook share one store, and SQL given to the API sees the notebook's tables as the
+magics' SQL does (the DuckDB database already is one session for both).
 Elsewhere (scripts, the console command) the environment variables and the defaults apply.
 """
 
@@ -28,3 +29,9 @@ def get(name: str):
         return getattr(_kernel, name)
     variable, default = ENVIRONMENT[name]
     return os.environ.get(variable, default)
+
+
+def namespace() -> dict | None:
+    """The kernel's notebook variables, where the extension is loaded (for ``{{var}}`` and
+    the DataFrames SQL names)."""
+    return _kernel.shell.user_ns if _kernel is not None else None

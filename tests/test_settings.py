@@ -1,6 +1,7 @@
 """Kernel settings reach the Python API: in a kernel where ``%load_ext nbcustom`` ran, every
 ``nbcustom.*`` call uses the kernel's ``NbCustom`` store, database and ui unless it passes
-its own; elsewhere the environment variables and defaults apply."""
+its own, and its SQL sees the notebook's DataFrames; elsewhere the environment variables
+and defaults apply."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ def test_every_api_function_uses_the_kernels_settings(ip, store_dir, tmp_path, m
     nbcustom.rag("facts", "SELECT * FROM facts", max_new_tokens=8)
     evaluated = nbcustom.rag_eval("facts", "SELECT * FROM questions")
     assert evaluated.path.parent.parent == store_dir and "mrr" in evaluated.manifest["metrics"]["after"]
-    assert len(nbcustom.predict("houses", "SELECT rooms, area FROM houses LIMIT 2")) == 2
+    ip.user_ns["new_houses"] = ip.user_ns["houses"].head(2)  # a notebook DataFrame, named in the API's SQL
+    assert len(nbcustom.predict("houses", "SELECT rooms, area FROM new_houses")) == 2
     assert nbcustom.load("bot").version.path == store_dir / "bot" / "v1"
     assert nbcustom.ask("facts", "What is the access code of the Vormund vault?")["sources"][0]
     assert [m["name"] for m in Store(store_dir).models()] == ["bot", "facts", "houses"]
