@@ -111,7 +111,7 @@ def test_each_result_shows_once_in_jupyterlab_and_the_saved_notebook_keeps_it(la
     with sync_playwright() as p:
         browser = p.chromium.launch_persistent_context(
             str(folder / "chromium-profile"),  # a fresh --user-data-dir
-            executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 1000},
+            executable_path=CHROMIUM, headless=True, viewport={"width": 1400, "height": 2000},
             args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync", "--disable-quic"],
         )
@@ -139,9 +139,9 @@ def test_each_result_shows_once_in_jupyterlab_and_the_saved_notebook_keeps_it(la
         page.locator(".jp-Notebook").click()
         page.keyboard.press("Escape")
         page.keyboard.press("Control+s")
-        for _ in range(60):  # the save reaches the disk
+        for _ in range(300):  # the save reaches the disk (an autosave during the run held the live panel)
             saved = nbformat.read(folder / "demo.ipynb", as_version=4)
-            if all(saved.cells[i].outputs for i in MAGICS):
+            if all("text/html" in out.get("data", {}) for i in MAGICS for out in saved.cells[i].outputs):
                 break
             time.sleep(0.5)
         browser.close()

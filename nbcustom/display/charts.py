@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Mapping, Sequence
 
 
@@ -47,7 +48,7 @@ def before_after_figure(before: Mapping[str, float], after: Mapping[str, float],
         values = [before[name], after[name]]
         bars = ax.bar([0, 1], values, width=0.6, color=["#9aa4ad", "#2f81f7"])
         ax.bar_label(bars, [fmt(v) for v in values], fontsize=8, padding=2)
-        ax.set_xticks([0, 1], [before_label, after_label], fontsize=8)
+        ax.set_xticks([0, 1], [textwrap.fill(before_label, 12), textwrap.fill(after_label, 12)], fontsize=8)
         ax.set_title(f"{name}\n(lower is better)" if lower_is_better(name) else name, fontsize=9)
         ax.margins(y=0.2)
         ax.tick_params(axis="y", labelsize=7)
