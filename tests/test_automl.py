@@ -153,6 +153,25 @@ def test_finetune_reuses_the_best_model_and_is_much_cheaper(cancer_store, tmp_pa
 
 # --- acceptance 2: two-step time series retrain ---------------------------------------
 @pytest.mark.slow
+def test_key_is_no_feature_and_predict_does_not_need_it(ip, store_dir):
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    houses = pd.DataFrame({"house_id": range(240), "rooms": rng.integers(1, 6, 240), "area": rng.normal(80, 20, 240)})
+    # a price that grows with the id too: a model given the key would use it
+    houses["price"] = 50 * houses.rooms + 2 * houses.area + houses.house_id + rng.normal(0, 10, 240)
+    ip.user_ns["houses"] = houses
+    ip.run_cell_magic("retrain", f"h --target price --key house_id --time-limit {TIME_LIMIT}", "SELECT * FROM houses WHERE house_id < 200")
+    ip.run_cell_magic("finetune", "h", "SELECT * FROM houses WHERE house_id >= 120")  # the update keeps the key out too
+    for version in (1, 2):
+        model = nbcustom.load("h", version, store=store_dir)
+        assert set(model.predictor.original_features) == {"rooms", "area"}
+        assert "house_id" not in Store(store_dir).get("h", version).manifest["feature_importance"]
+    result = ip.run_cell_magic("predict", "h", "SELECT rooms, area FROM houses LIMIT 5")
+    assert list(result.columns) == ["rooms", "area", "prediction"] and result["prediction"].notna().all()
+
+
+@pytest.mark.slow
 def test_retrain_timeseries_two_series_and_forecast(ip, store_dir):
     ip.user_ns["macro"] = macro_frame()
     sql = """SELECT quarter_start, series, value FROM (UNPIVOT macro ON realgdp, realcons INTO NAME series VALUE value)

@@ -6,7 +6,7 @@ import pandas as pd
 
 from nbcustom.display import Summary, make_display, summary_bundle
 from nbcustom.display import render
-from nbcustom.display.charts import before_after_chart, loss_chart
+from nbcustom.display.charts import before_after_chart, before_after_figure, loss_chart
 from nbcustom.display.run import RunDisplay, TextDisplay
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -97,3 +97,17 @@ def test_make_display_outside_a_kernel_is_text():
 def test_charts_are_png():
     assert loss_chart([1, 2, 3], [3.0, 2.0, 1.0], [3], [1.5]).startswith(PNG)
     assert before_after_chart({"a": 1.0}, {"a": 2.0}).startswith(PNG)
+
+
+def test_before_after_chart_gives_each_metric_its_own_scale_and_marks_lower_is_better():
+    before = {"perplexity": 21.0, "exact_match": 0.1, "token_f1": 0.3, "rouge_l": 0.25, "note": "text"}
+    after = {"perplexity": 3.0, "exact_match": 0.4, "token_f1": 0.6, "rouge_l": 0.55, "note": "text"}
+    fig = before_after_figure(before, after, "%%finetune bot", "base", "v1")
+    axes = fig.get_axes()
+    assert [ax.get_title() for ax in axes] == ["perplexity\n(lower is better)", "exact_match", "token_f1", "rouge_l"]
+    for ax in axes:
+        heights = [bar.get_height() for bar in ax.patches]
+        assert [t.get_text() for t in ax.get_xticklabels()] == ["base", "v1"] and len(heights) == 2
+        assert ax.get_ylim()[1] >= max(heights) and ax.get_ylim()[1] < 2 * max(heights)  # its own scale
+    assert axes[0].get_ylim()[1] > 20 and axes[1].get_ylim()[1] < 1
+    assert before_after_chart(before, after).startswith(PNG)

@@ -54,6 +54,7 @@ def test_quickstart_through_papermill_with_changed_parameters(tmp_path, monkeypa
     assert injected and "FINETUNE_STEPS = 6" in injected[0].source
     assert manifest(tmp_path, "product_line", 1)["counts"]["steps"] == 6
     assert manifest(tmp_path, "house_prices", 2)["counts"]["previous"] == 200
+    assert "house_id" not in manifest(tmp_path, "house_prices", 1)["feature_importance"]  # --key is no feature
     for magic in ("%%finetune", "%%retrain", "%%rag handbook --eval"):
         html = summary(cell(nb, magic))["text/html"]
         assert "<table" in html and "delta" in html

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Mapping, Sequence
 
 
@@ -32,19 +33,37 @@ def loss_chart(steps: Sequence[float], losses: Sequence[float], eval_steps: Sequ
     return _png(fig)
 
 
+def before_after_figure(before: Mapping[str, float], after: Mapping[str, float], title: str = "before / after", before_label="before", after_label="after"):
+    """Small multiples: one panel per metric both sides share, each on its own scale (a
+    perplexity of 21 beside an exact match of 0.4 would flatten one of them), lower-is-better
+    metrics marked in their panel's title."""
+    from .render import fmt, lower_is_better
+
+    names = [k for k in after if _number(after.get(k)) and _number(before.get(k))]
+    columns = min(len(names), 3) or 1
+    rows = -(-len(names) // columns) or 1
+    fig = _figure(max(3.0, 2.3 * columns), 0.5 + 2.3 * rows)
+    for i, name in enumerate(names):
+        ax = fig.add_subplot(rows, columns, i + 1)
+        values = [before[name], after[name]]
+        bars = ax.bar([0, 1], values, width=0.6, color=["#9aa4ad", "#2f81f7"])
+        ax.bar_label(bars, [fmt(v) for v in values], fontsize=8, padding=2)
+        ax.set_xticks([0, 1], [textwrap.fill(before_label, 12), textwrap.fill(after_label, 12)], fontsize=8)
+        ax.set_title(f"{name}\n(lower is better)" if lower_is_better(name) else name, fontsize=9)
+        ax.margins(y=0.2)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
 def before_after_chart(before: Mapping[str, float], after: Mapping[str, float], title: str = "before / after", before_label="before", after_label="after") -> bytes:
-    """Grouped bars of the metrics both sides share."""
-    names = [k for k in after if isinstance(after.get(k), (int, float)) and isinstance(before.get(k), (int, float))]
-    fig = _figure(max(4.0, 1.1 * len(names) + 2))
-    ax = fig.add_subplot()
-    xs = range(len(names))
-    ax.bar([x - 0.2 for x in xs], [before[k] for k in names], width=0.4, label=before_label, color="#9aa4ad")
-    ax.bar([x + 0.2 for x in xs], [after[k] for k in names], width=0.4, label=after_label, color="#2f81f7")
-    ax.set_xticks(list(xs), names, rotation=20, ha="right")
-    ax.set_title(title)
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    return _png(fig)
+    """``before_after_figure`` as PNG bytes."""
+    return _png(before_after_figure(before, after, title, before_label, after_label))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def bar_chart(values: Mapping[str, float], title: str, xlabel: str = "") -> bytes:

@@ -67,12 +67,15 @@ def duration(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60:02d}:{seconds % 60:02d}"
 
 
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
 def better(metric: str, delta: float) -> bool | None:
     """Whether a change of ``delta`` in ``metric`` is an improvement (None: no change)."""
     if delta == 0 or delta != delta:
         return None
-    lower = any(word in metric.lower() for word in LOWER_IS_BETTER)
-    return (delta < 0) if lower else (delta > 0)
+    return (delta < 0) if lower_is_better(metric) else (delta > 0)
 
 
 def metric_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[tuple[str, Any, Any, float | None]]:

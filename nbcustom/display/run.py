@@ -2,8 +2,8 @@
 
 ``RunDisplay`` keeps the state and renders nothing; ``TextDisplay``, ``StaticDisplay`` and
 ``WidgetDisplay`` show it in a log, in place in a notebook, or in live widgets. Every
-notebook display ends with the static summary (HTML + PNG + text/plain) so saved notebooks
-stay readable without widget state.
+notebook display ends with the static summary (HTML + PNG + text/plain), shown once, so
+saved notebooks stay readable without widget state.
 """
 
 from __future__ import annotations
@@ -152,7 +152,10 @@ class StaticDisplay(RunDisplay):
 
 
 class WidgetDisplay(StaticDisplay):
-    """Live ipywidgets panel: progress bar with step/ETA/metrics, loss chart, then tabs."""
+    """Live ipywidgets panel while the run goes: progress bar with step/ETA/metrics, the
+    loss chart and the last log lines. At the end the panel's output is replaced, in place,
+    by the static summary (or, on failure, the final progress line): a live notebook shows
+    the result once, and a saved notebook holds it without widget state."""
 
     chart_interval = 3.0
 
@@ -160,24 +163,21 @@ class WidgetDisplay(StaticDisplay):
         super().__init__(title)
         import ipywidgets as w
 
-        self._w = w
         self.bar = w.IntProgress(value=0, min=0, max=1, layout=w.Layout(width="60%"))
         self.status = w.HTML()
         self.chart = w.Image(format="png", layout=w.Layout(max_width="560px"))
         self.chart.layout.display = "none"
         self.log_box = w.HTML()
-        self.tabs = w.Tab()
-        self.tabs.layout.display = "none"
-        self.panel = w.VBox([w.HTML(f"<b>{title}</b>"), w.HBox([self.bar, self.status]), self.chart, self.log_box, self.tabs])
+        row = w.HBox([self.bar, self.status])
+        self.panel = w.VBox([w.HTML(f"<b>{title}</b>"), row, self.chart, self.log_box])
+        self._widgets = [self.panel, *self.panel.children, *row.children]
         self._chart_at = 0.0
-        self._shown = False
 
     def _show(self) -> None:
-        if not self._shown:
+        if self._handle is None:
             from IPython.display import display
 
-            display(self.panel)
-            self._shown = True
+            self._handle = display(self.panel, display_id=True)
         state = self.state
         self.bar.max = max(state.total or 1, 1)
         self.bar.value = min(state.step, self.bar.max) if state.total else (self.bar.max if state.phase == "done" else 0)
@@ -192,15 +192,18 @@ class WidgetDisplay(StaticDisplay):
                 self._chart_at = now
 
     def _on_summary(self, summary: Summary) -> None:
-        w = self._w
-        pages = [("metrics", render.metrics_html(summary.before, summary.after, summary.before_label, summary.after_label))]
-        pages += [(name, render.png_html(png, name)) for name, png in summary.charts.items()]
-        pages += [(name, render.table_html(frame)) for name, frame in summary.tables.items()]
-        self.tabs.children = [w.HTML(content) for _, content in pages]
-        for i, (name, _) in enumerate(pages):
-            self.tabs.set_title(i, name)
-        self.tabs.layout.display = None
-        super()._on_summary(summary)
+        self._replace(summary_bundle(summary))
+
+    def fail(self, error: BaseException) -> None:
+        super().fail(error)
+        self._replace(self._bundle())
+
+    def _replace(self, bundle: dict) -> None:
+        """Put ``bundle`` where the panel was and close the panel's widgets."""
+        if self._handle is not None:
+            self._handle.update(bundle, raw=True)
+        for widget in self._widgets:
+            widget.close()
 
 
 def make_display(ui: str, title: str) -> RunDisplay:

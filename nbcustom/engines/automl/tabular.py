@@ -40,7 +40,7 @@ def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
         predictor = TabularPredictor(
             label=target, problem_type=problem_type, eval_metric=metric,
             path=str(build.model_dir / PREDICTOR), verbosity=0,
-        ).fit(train_part, time_limit=spec.time_limit, presets=spec.presets, callbacks=[_progress(display)])
+        ).fit(_without_key(train_part, spec.key), time_limit=spec.time_limit, presets=spec.presets, callbacks=[_progress(display)])
     fit_seconds = time.monotonic() - started
     outcome = _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, key=spec.key)
     outcome.info.update(schema={"target": target, "key": spec.key}, time_limit=spec.time_limit)
@@ -74,7 +74,7 @@ def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
             label=target, problem_type=old_predictor.problem_type, eval_metric=old_predictor.eval_metric.name,
             path=str(build.model_dir / PREDICTOR), verbosity=0,
         ).fit(
-            train_part, hyperparameters={reused["model_type"]: reused["hyperparameters"]}, time_limit=time_limit,
+            _without_key(train_part, schema.get("key")), hyperparameters={reused["model_type"]: reused["hyperparameters"]}, time_limit=time_limit,
             num_bag_folds=0, num_stack_levels=0, fit_weighted_ensemble=False, callbacks=[_progress(display)],
         )
     fit_seconds = time.monotonic() - started
@@ -266,6 +266,12 @@ def _check_sizes(total, trained, held_out, flag):
             f"{total} rows give {held_out} held out and {trained} to train; the holdout needs at least {MIN_HOLDOUT} "
             f"and training {MIN_TRAIN}: add rows or change {flag}"
         )
+
+
+def _without_key(rows, key):
+    """The rows a predictor learns from: a --key column identifies rows (for the holdout and
+    upserts) and is no feature, so predictions never need it."""
+    return rows.drop(columns=[key]) if key else rows
 
 
 def _with_features(predictor, rows):

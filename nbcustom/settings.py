@@ -1,0 +1,37 @@
+"""Where the Python API's defaults come from.
+
+Once ``%load_ext nbcustom`` ran, the kernel's ``NbCustom`` magics are the source: a call
+without ``store=`` or ``ui=`` uses what ``%config NbCustom.x`` set, so magics and the API
+in one notebook share one store, and SQL given to the API sees the notebook's tables as the
+magics' SQL does (the DuckDB database already is one session for both).
+Elsewhere (scripts, the console command) the environment variables and the defaults apply.
+"""
+
+from __future__ import annotations
+
+import os
+
+# setting -> (environment variable, default)
+ENVIRONMENT = {"store": ("NBCUSTOM_STORE", "nbcustom_store"), "ui": ("NBCUSTOM_UI", "auto")}
+
+_kernel = None  # the loaded NbCustom magics; their traitlets hold the kernel's settings
+
+
+def use(source) -> None:
+    """Make ``source`` (the kernel's ``NbCustom`` magics) the source of the API's defaults."""
+    global _kernel
+    _kernel = source
+
+
+def get(name: str):
+    """The setting ``name``: the kernel's where the extension is loaded, else the environment's."""
+    if _kernel is not None:
+        return getattr(_kernel, name)
+    variable, default = ENVIRONMENT[name]
+    return os.environ.get(variable, default)
+
+
+def namespace() -> dict | None:
+    """The kernel's notebook variables, where the extension is loaded (for ``{{var}}`` and
+    the DataFrames SQL names)."""
+    return _kernel.shell.user_ns if _kernel is not None else None
