@@ -6,5 +6,6 @@ models for llama-index), ``stores/`` (where the vectors live).
 """
 
 from .index import RagIndex, build, load
+from .stores import release
 
-__all__ = ["RagIndex", "build", "load"]
+__all__ = ["RagIndex", "build", "load", "release"]
