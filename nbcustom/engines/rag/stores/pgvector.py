@@ -172,8 +172,8 @@ class Vectors:
         from psycopg import sql
 
         self._entry = entry
-        self._con = None
-        rows = self._run(sql.SQL("SELECT node_id, row_id, text, metadata FROM {} ORDER BY row_id, position").format(_table(entry)))
+        self._con, self._ef_search = None, None
+        rows = self._run(sql.SQL("SELECT node_id, row_id, text, metadata FROM {} ORDER BY row_id COLLATE \"C\", position").format(_table(entry)))
         self.chunk_ids: list[str] = [r[0] for r in rows]
         self.row_ids: list[str] = [r[1] for r in rows]
         self.texts: list[str] = [r[2] for r in rows]
@@ -226,7 +226,9 @@ class Vectors:
         return PGVectorStore(
             table_name=self._entry["table"].removeprefix("data_"), schema_name=self._entry["schema"],
             embed_dim=int(self._entry["dim"]), use_jsonb=True, perform_setup=False, hnsw_kwargs={"hnsw_ef_search": EF_SEARCH},
-            engine=create_engine(url("postgresql+psycopg"), pool_pre_ping=True), async_engine=create_async_engine(url("postgresql+asyncpg")),
+            # psycopg2, not psycopg 3: PGVectorStore sends "SET hnsw.ef_search = :n" with a bound
+            # parameter, which only client-side binding can run.
+            engine=create_engine(url("postgresql+psycopg2"), pool_pre_ping=True), async_engine=create_async_engine(url("postgresql+asyncpg")),
         )
 
     def _run(self, query, params=None, ef_search: int | None = None) -> list[tuple]:
