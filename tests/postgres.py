@@ -4,17 +4,20 @@
 starts the server in a temporary folder; it starts it listening on a Unix socket only, so the
 fixture restarts it on a free TCP port of 127.0.0.1 with password (scram-sha-256) logins,
 the way a shared server is used. It has a login role with a password, a database with the
-``vector`` extension and one without. Use it with ``from postgres import postgres``.
+``vector`` extension and one without. Use it with ``from postgres import postgres`` (the
+session fixture), or ``with postgres.start() as server`` (the benchmarks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -57,8 +60,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def postgres():
+@contextlib.contextmanager
+def start() -> Iterator[Postgres]:
+    """Start the server in a temporary folder; stop it and remove the folder after."""
     import psycopg
 
     with warnings.catch_warnings():  # platformdirs on a machine without XDG_RUNTIME_DIR
@@ -67,7 +71,7 @@ def postgres():
 
     folder = Path(tempfile.mkdtemp(prefix="nbcustom-pg-"))
     pgdata = folder / "pgdata"
-    # cleanup_mode=None: the fixture stops the restarted server and removes the folder itself
+    # cleanup_mode=None: this function stops the restarted server and removes the folder itself
     server = pgserver.get_server(pgdata, cleanup_mode=None)
     socket_dir = str(server.get_postmaster_info().socket_dir)
     port = free_port()
@@ -86,3 +90,9 @@ def postgres():
         pgserver.pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata, user=server.system_user)
         server.cleanup()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    with start() as server:
+        yield server
