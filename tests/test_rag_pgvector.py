@@ -237,7 +237,7 @@ def test_unreachable_server_missing_extension_and_bad_url_are_one_line_and_chang
         ip.run_cell_magic("rag", f"facts --vector-store postgresql://nbc@127.0.0.1:{port}/nbc", "SELECT * FROM facts")
     assert f"127.0.0.1:{port}" in one_line(error) and "start the server" in str(error.value)
     with pytest.raises(NbCustomError) as error:
-        ip.run_cell_magic("rag", f"facts --vector-store {postgres.url(database=postgres.bare_database)}", "SELECT * FROM facts")
+        ip.run_cell_magic("rag", f"facts --vector-store {postgres.url(password=True, database=postgres.bare_database)}", "SELECT * FROM facts")
     assert f"{postgres.host}:{postgres.port}" in one_line(error) and "CREATE EXTENSION vector" in str(error.value)
     with pytest.raises(NbCustomError, match="not understood: use duckdb .* or postgresql://USER@HOST:PORT/DB"):
         ip.run_cell_magic("rag", "facts --vector-store mysql://nbc@127.0.0.1/nbc", "SELECT * FROM facts")
