@@ -39,6 +39,23 @@ def one_line(error) -> str:
     return message
 
 
+def test_urls_lose_their_password_and_messages_mask_it():
+    from nbcustom import credentials
+
+    url = "postgresql://ana:s%40lt%3Ay@db.example.com:6543/search"
+    assert credentials.strip(url) == "postgresql://ana@db.example.com:6543/search"
+    assert credentials.password("ana", "db.example.com", 6543) == "s@lt:y"
+    assert credentials.server("postgres://ana@db.example.com/search") == {
+        "host": "db.example.com", "port": 5432, "database": "search", "user": "ana"}
+    assert credentials.strip("postgresql://bo@[::1]:5433/x?password=q-9") == "postgresql://bo@[::1]:5433/x"
+    assert credentials.password("bo", "::1", 5433) == "q-9"
+    assert credentials.mask(f"failed for {url} with s@lt:y") == "failed for postgresql://ana:***@db.example.com:6543/search with ***"
+    for bad in ("mysql://ana@h/db", "postgresql://h:5432/db", "postgresql://ana@h:5432/", "postgresql://ana:pw@h:port/db"):
+        with pytest.raises(NbCustomError, match="not understood") as error:
+            credentials.strip(bad)
+        assert "pw" not in str(error.value)
+
+
 # --- the store interface, both backends, no model ------------------------------------------------
 @pytest.mark.parametrize("backend", ["duckdb", "pgvector"])
 def test_store_interface_writes_copies_and_searches_like_a_matrix_product(tmp_path, postgres, backend):  # noqa: F811

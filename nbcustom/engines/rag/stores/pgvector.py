@@ -68,6 +68,7 @@ class Writer:
     version's table on the server, then the HNSW index is built once."""
 
     def __init__(self, location: str, name: str, model_dir, dim: int, previous: dict | None = None):
+        import psycopg
         from psycopg import sql
 
         self.url = strip(location)
@@ -82,13 +83,20 @@ class Writer:
         slug = re.sub(r"[^a-z0-9_]", "_", name.lower())[:20]
         self.table = f"data_nbcustom_{slug}_{uuid.uuid4().hex[:10]}"  # data_: PGVectorStore's prefix
         self._name = sql.Identifier(self.schema, self.table)
-        self._con.execute(
-            sql.SQL(
-                "CREATE TABLE {} (id bigserial PRIMARY KEY, text varchar NOT NULL, metadata_ jsonb, "
-                "node_id varchar NOT NULL UNIQUE, embedding vector({}), row_id varchar NOT NULL, position integer, "
-                "hash varchar NOT NULL, metadata jsonb)"
-            ).format(self._name, sql.Literal(self._dim))
-        )
+        try:
+            self._con.execute(
+                sql.SQL(
+                    "CREATE TABLE {} (id bigserial PRIMARY KEY, text varchar NOT NULL, metadata_ jsonb, "
+                    "node_id varchar NOT NULL UNIQUE, embedding vector({}), row_id varchar NOT NULL, position integer, "
+                    "hash varchar NOT NULL, metadata jsonb)"
+                ).format(self._name, sql.Literal(self._dim))
+            )
+        except psycopg.Error as e:
+            self._con.close()
+            raise NbCustomError(
+                f"PostgreSQL at {self.address['host']}:{self.address['port']} did not create a table in schema "
+                f"{self.schema!r} ({_reason(e)}): grant user {self.address['user']!r} CREATE on it"
+            ) from None
 
     def insert(self, chunks: Sequence[dict], vectors) -> None:
         """Add ``chunks`` with their vectors (binary COPY)."""
@@ -206,7 +214,7 @@ class Vectors:
                 "SELECT node_id, 1 - (embedding <=> %(q)s) AS score FROM {} WHERE node_id = ANY(%(ids)s) "
                 "ORDER BY score DESC, node_id LIMIT %(k)s"
             )
-        rows = self._run(sql.SQL(query_sql).format(_table(self._entry)), params, ef_search=max(EF_SEARCH, int(k)))
+        rows = self._run(sql.SQL(query_sql).format(_table(self._entry)), params, ef_search=min(max(EF_SEARCH, int(k)), 1000))
         return [(self._positions[chunk_id], float(score)) for chunk_id, score in rows]
 
     def vector_store(self):
@@ -232,19 +240,23 @@ class Vectors:
         )
 
     def _run(self, query, params=None, ef_search: int | None = None) -> list[tuple]:
-        """Run a query on this version's connection (reconnecting after a server restart)."""
+        """Run a query on this version's connection, connecting again once if it was lost
+        (a notebook outlives server restarts)."""
         import psycopg
 
-        if self._con is None or self._con.closed or self._con.broken:
-            self._con = connect(_address(self._entry))
-            self._ef_search = None
-        try:
-            if ef_search is not None and ef_search != self._ef_search:
-                self._con.execute(f"SET hnsw.ef_search = {int(ef_search)}")
-                self._ef_search = ef_search
-            return self._con.execute(query, params).fetchall()
-        except psycopg.errors.UndefinedTable:
-            raise _gone(self._entry) from None
+        for attempt in (1, 2):
+            if self._con is None or self._con.closed or self._con.broken:
+                self._con, self._ef_search = connect(_address(self._entry)), None
+            try:
+                if ef_search is not None and ef_search != self._ef_search:
+                    self._con.execute(f"SET hnsw.ef_search = {int(ef_search)}")
+                    self._ef_search = ef_search
+                return self._con.execute(query, params).fetchall()
+            except psycopg.errors.UndefinedTable:
+                raise _gone(self._entry) from None
+            except psycopg.OperationalError:
+                if attempt == 2 or not self._con.broken:
+                    raise
 
 
 def _read(entry: dict, query) -> list[tuple]:
