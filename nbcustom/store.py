@@ -340,7 +340,7 @@ class Store:
         """Remove one version (the newest remaining becomes active) or the whole model.
 
         ``on_remove(version)`` is called for each version first (its engine freeing what the
-        version keeps outside its folder); if it raises, the store is left as it was."""
+        version keeps outside its folder); if it raises, no folder or catalog row is removed."""
         known = [row["version"] for row in self.versions(check_name(name))]
         if not known:
             raise NbCustomError(f"unknown model {name!r}: see %nbc list")

@@ -310,7 +310,7 @@ def write_version(store: Path, name: str, location, chunks, vectors, dim: int, p
     return Store(store).get(name), seconds
 
 
-def bench_backends(chunks: int, queries: int, scratch: Path, url: str | None) -> bool:
+def bench_backends(chunks: int, queries: int, scratch: Path, url: str | None) -> None:
     import contextlib
     import sys
 
@@ -324,9 +324,10 @@ def bench_backends(chunks: int, queries: int, scratch: Path, url: str | None) ->
     dim = 384
     questions = [f"Who checked the {random.Random(q).choice(WORDS)} at the {random.Random(q + 7).choice(CITIES)} branch on day {q}?"
                  for q in range(queries + 1)]
+    print(f"backends at {chunks} chunks (random unit vectors; embedding excluded, it costs the same for both; {queries} queries):")
     with (contextlib.nullcontext(None) if url else start()) as server:
         location = {"duckdb": "duckdb", "pgvector": url or server.url(password=True)}
-        found, lines = {}, []
+        found = {}
         for backend, where in location.items():
             store = scratch / f"backend-{backend}"
             first, vectors = random_chunks(range(chunks), dim, seed=5)
@@ -352,17 +353,15 @@ def bench_backends(chunks: int, queries: int, scratch: Path, url: str | None) ->
                 started = time.perf_counter()
                 found[backend].append([i for i, _ in index.vectors.search(vector, 4)])
                 search_times.append(time.perf_counter() - started)
-            lines.append(
+            print(
                 f"  {backend:8s} build {build_s:7.1f}s | refresh ({changed} rows new, {chunks - changed} copied) {refresh_s:7.1f}s | "
                 f"open {open_s:5.1f}s | RagIndex.retrieve p50 {statistics.median(times) * 1000:6.1f} ms "
-                f"(p90 {np.percentile(times, 90) * 1000:.1f} ms) | vector search alone p50 {statistics.median(search_times) * 1000:6.1f} ms"
+                f"(p90 {np.percentile(times, 90) * 1000:.1f} ms) | vector search alone p50 {statistics.median(search_times) * 1000:6.1f} ms",
+                flush=True,
             )
             del index
     recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(found["duckdb"], found["pgvector"])])
-    print(f"backends at {chunks} chunks (random unit vectors; embedding excluded, it costs the same for both; {queries} queries):")
-    print("\n".join(lines))
     print(f"  pgvector's top 4 (HNSW) against DuckDB's exact top 4: recall {recall:.3f}")
-    return True
 
 
 def main() -> None:
@@ -399,7 +398,7 @@ def main() -> None:
         if "retrieval" in parts:
             results["retrieval"] = bench_retrieval(args.retrieval_chunks, args.queries, args.baseline_queries, scratch)
         if "backends" in parts:
-            results["backends"] = bench_backends(args.backend_chunks, args.queries, scratch, args.vector_store)
+            bench_backends(args.backend_chunks, args.queries, scratch, args.vector_store)  # figures, no target
     print("summary: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in results.items())
           + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
