@@ -36,6 +36,10 @@ def default_ui() -> str:
     return settings.get("ui")
 
 
+def default_vector_store() -> str | None:
+    return settings.get("vector_store") or None
+
+
 def _store(store: str | os.PathLike | Store | None) -> Store:
     return store if isinstance(store, Store) else Store(store or default_store())
 
@@ -85,6 +89,8 @@ def retrain(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
 def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, params=None, **options) -> Version:
     """Build or incrementally refresh the retrieval index ``name`` from the rows of ``data``."""
     check_name(name)
+    if options.get("vector_store") is None:
+        options["vector_store"] = default_vector_store()
     spec = RagSpec.from_options(**options)
     store = _store(store)
     kind = store.kind(name)

@@ -86,8 +86,10 @@ def activate(store: Store, name: str, version: str) -> str:
 
 
 def remove(store: Store, ref: str) -> str:
+    from .engines import release
+
     name, version = parse_ref(ref)
-    store.remove(name, version)
+    store.remove(name, version, on_remove=release)
     return f"removed {ref}"
 
 

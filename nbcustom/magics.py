@@ -6,9 +6,9 @@ import os
 
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
-from traitlets import Enum, Unicode, observe
+from traitlets import Enum, Unicode, default, observe
 
-from . import api, data, flags, settings, store as _store
+from . import api, credentials, data, flags, settings, store as _store
 from .display import Summary, summary_bundle
 from .errors import NbCustomError
 from .promotion import JOB_DEFAULT
@@ -33,6 +33,7 @@ class NbCustom(Magics):
     store = Unicode(os.environ.get("NBCUSTOM_STORE", "nbcustom_store"), help="artifact store folder").tag(config=True)
     database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
     ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
+    vector_store = Unicode(help="where %%rag keeps vectors: duckdb or postgresql://USER@HOST:PORT/DB").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -42,6 +43,19 @@ class NbCustom(Magics):
     @observe("database")
     def _database_changed(self, change) -> None:
         self.session.use(change["new"])
+
+    @default("vector_store")
+    def _vector_store_default(self) -> str:
+        return self._without_password(os.environ.get("NBCUSTOM_VECTOR_STORE", ""))
+
+    @observe("vector_store")
+    def _vector_store_changed(self, change) -> None:
+        self.vector_store = self._without_password(change["new"])
+
+    @staticmethod
+    def _without_password(url: str) -> str:
+        """The setting as %config shows it; a password in it is kept in memory only."""
+        return credentials.strip(url) if url not in ("", "duckdb") else url
 
     # --- helpers -----------------------------------------------------------------------
     def _args(self, magic: str, line: str) -> dict:

@@ -12,7 +12,11 @@ from __future__ import annotations
 import os
 
 # setting -> (environment variable, default)
-ENVIRONMENT = {"store": ("NBCUSTOM_STORE", "nbcustom_store"), "ui": ("NBCUSTOM_UI", "auto")}
+ENVIRONMENT = {
+    "store": ("NBCUSTOM_STORE", "nbcustom_store"),
+    "ui": ("NBCUSTOM_UI", "auto"),
+    "vector_store": ("NBCUSTOM_VECTOR_STORE", ""),
+}
 
 _kernel = None  # the loaded NbCustom magics; their traitlets hold the kernel's settings
 

@@ -152,10 +152,18 @@ class RagSpec(Spec):
     append: bool = option(False, "keep rows missing from the query", type=bool)
     max_new_tokens: int = option(96, "longest answer in tokens", type=int)
     promote: str = promote_option()
+    vector_store: str | None = option(
+        None, "where the vectors live: duckdb (a file in the version) or postgresql://USER@HOST:PORT/DB "
+        "(default: where the previous version's are; a new index: duckdb)",
+    )
 
     def validate(self) -> None:
         super().validate()
         self._positive("chunk_size", "top_k", "max_new_tokens")
+        if self.vector_store not in (None, "duckdb"):
+            from .credentials import strip
+
+            self.vector_store = strip(self.vector_store)  # the password never reaches the manifest
         if not 0 <= self.chunk_overlap < self.chunk_size:
             raise NbCustomError("--chunk-overlap must be at least 0 and smaller than --chunk-size")
 

@@ -116,6 +116,8 @@ class Build:
     manifest: dict = field(default_factory=dict)
     version: int | None = None
     activate: bool = True
+    # Called if the build fails: an engine undoing what it wrote outside the staging folder.
+    on_abort: list = field(default_factory=list)
 
     @property
     def model_dir(self) -> Path:
@@ -251,6 +253,11 @@ class Store:
         try:
             yield build
             self._commit(build)
+        except BaseException:
+            for undo in reversed(build.on_abort):
+                with contextlib.suppress(Exception):  # the build's own error is the one to show
+                    undo()
+            raise
         finally:
             shutil.rmtree(staging, ignore_errors=True)
             with contextlib.suppress(OSError):
@@ -335,13 +342,23 @@ class Store:
         with self._catalog(write=True) as con:
             con.execute("UPDATE models SET active = ?, updated = ? WHERE name = ?", [parse_version(version), _dt.datetime.now(), name])
 
-    def remove(self, name: str, version: int | None = None) -> None:
-        """Remove one version (the newest remaining becomes active) or the whole model."""
+    def remove(self, name: str, version: int | None = None, on_remove=None) -> None:
+        """Remove one version (the newest remaining becomes active) or the whole model.
+
+        ``on_remove(version)`` is called for each version first (its engine freeing what the
+        version keeps outside its folder); if it raises, no folder or catalog row is removed."""
         known = [row["version"] for row in self.versions(check_name(name))]
         if not known:
             raise NbCustomError(f"unknown model {name!r}: see %nbc list")
         if version is not None and parse_version(version) not in known:
             raise NbCustomError(f"{name} has no version {version} (versions: {', '.join(map(str, known))})")
+        if on_remove is not None:
+            for number in known if version is None else [parse_version(version)]:
+                try:
+                    doomed_version = self.get(name, number, verify=False)
+                except NbCustomError:  # no readable manifest: nothing known outside the folder
+                    continue
+                on_remove(doomed_version)
         with self._catalog(write=True) as con:
             con.execute("BEGIN TRANSACTION")
             if version is None or known == [parse_version(version)]:

@@ -35,3 +35,11 @@ def engine(kind: str):
     if kind not in KINDS:
         raise ValueError(f"unknown model kind {kind!r}")
     return importlib.import_module(f"nbcustom.engines.{kind}")
+
+
+def release(version) -> None:
+    """Before ``version`` is removed: let its engine free what it keeps outside the version
+    folder (a RAG index's table on a PostgreSQL server)."""
+    free = getattr(engine(version.kind), "release", None)
+    if free is not None:
+        free(version)

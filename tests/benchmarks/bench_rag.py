@@ -4,7 +4,8 @@ one run. Not collected by pytest; run it by hand:
 
     .venv/bin/python tests/benchmarks/bench_rag.py [--rows 2000] [--refresh-rows 10000]
         [--retrieval-chunks 100000] [--queries 50] [--baseline-queries 10] [--repeat 1]
-        [--only build,refresh,retrieval]
+        [--backend-chunks 100000] [--vector-store postgresql://USER@HOST:PORT/DB]
+        [--only build,refresh,retrieval,backends]
 
 Targets (issue 7):
   build      nbcustom's build throughput (rows/s, whole run: chunking, embedding, DuckDB
@@ -20,6 +21,14 @@ Targets (issue 7):
              ``rag_store.insert``. Baseline: llama-index's default ``SimpleVectorStore``
              (``VectorStoreIndex(nodes with the same embeddings)`` then
              ``as_retriever().retrieve``), also query embedding included.
+  backends   the DuckDB file against PostgreSQL + pgvector (issue 16) at 100,000 chunks:
+             build (writing the chunks and their vectors and indexing them: what a %%rag
+             build does after embedding, which costs the same for both), refresh (1 % of the
+             rows new, the other 99 % copied from the previous version, index built again)
+             and ``RagIndex.retrieve`` p50, query embedding included. Synthetic vectors around
+             200 topics, the same for both; pgvector's top 4 is compared with DuckDB's exact
+             top 4 for query vectors drawn like the chunks'.
+             The server is started by pgserver (as in the tests) unless --vector-store names one.
 """
 
 from __future__ import annotations
@@ -265,6 +274,102 @@ def bench_retrieval(chunks: int, queries: int, baseline_queries: int, scratch: P
     return ok
 
 
+def random_chunks(rows: range, dim: int, seed: int, tag: str = "") -> tuple[list[dict], "np.ndarray"]:
+    """One chunk per row id in ``rows``: texts and metadata like real rows', and unit vectors
+    spread around 200 random topics, as text embeddings cluster. (Uniformly random vectors
+    in 384 dimensions have no near neighbours to speak of: all cosines are about 0, and an
+    HNSW graph over them finds the true top 4 only a fraction of the time.)"""
+    import numpy as np
+
+    topics = np.random.default_rng(0).standard_normal((200, dim)).astype(np.float32)
+    topics /= np.linalg.norm(topics, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    vectors = topics[rng.integers(0, len(topics), len(rows))] + 0.08 * rng.standard_normal((len(rows), dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    texts = frame(1000, seed=seed, start=10_000_000)
+    chunks = []
+    for i in rows:
+        sample = texts.iloc[i % len(texts)]
+        chunks.append({"chunk_id": f"{i}#0", "row_id": str(i), "position": 0, "hash": f"{tag}{i:060x}",
+                       "text": sample["text"] + tag, "metadata": {"topic": sample["topic"]}})
+    return chunks, vectors
+
+
+def write_version(store: Path, name: str, location, chunks, vectors, dim: int, previous=None, copy_rows=()):
+    """Commit a RAG version whose vectors are given, through the store interface as ``%%rag``
+    writes one; returns the version and the seconds spent writing (and copying) vectors."""
+    from nbcustom.engines.rag import stores
+    from nbcustom.store import Store
+
+    with Store(store).build(name, "rag") as build:
+        started = time.perf_counter()
+        writer = stores.create(location, previous, name, build.model_dir, dim)
+        build.on_abort.append(writer.discard)
+        writer.insert(chunks, vectors)
+        copied = writer.copy(list(copy_rows)) if copy_rows else 0
+        entry, total = writer.finish()
+        seconds = time.perf_counter() - started
+        build.manifest.update({
+            "options": {"top_k": 4}, "index": {"id_type": "int", "dim": dim, "store": entry},
+            "counts": {"chunks": total, "chunks_copied": copied},
+        })
+    return Store(store).get(name), seconds
+
+
+def bench_backends(chunks: int, queries: int, scratch: Path, url: str | None) -> None:
+    import contextlib
+    import sys
+
+    import numpy as np
+
+    import nbcustom
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/: postgres.py
+    from postgres import start
+
+    dim = 384
+    questions = [f"Who checked the {random.Random(q).choice(WORDS)} at the {random.Random(q + 7).choice(CITIES)} branch on day {q}?"
+                 for q in range(queries + 1)]
+    probes = random_chunks(range(queries), dim, seed=7)[1]
+    print(f"backends at {chunks} chunks (synthetic vectors around 200 topics; embedding excluded, it costs the same for both; {queries} queries):")
+    with (contextlib.nullcontext(None) if url else start()) as server:
+        location = {"duckdb": "duckdb", "pgvector": url or server.url(password=True)}
+        found = {}
+        for backend, where in location.items():
+            store = scratch / f"backend-{backend}"
+            first, vectors = random_chunks(range(chunks), dim, seed=5)
+            v1, build_s = write_version(store, "big", where, first, vectors, dim)
+            changed = chunks // 100
+            new, new_vectors = random_chunks(range(changed), dim, seed=6, tag=" (corrected)")
+            del first, vectors
+            v2, refresh_s = write_version(store, "big", None, new, new_vectors, dim, previous=v1,
+                                          copy_rows=[str(i) for i in range(changed, chunks)])
+            assert v2.manifest["counts"] == {"chunks": chunks, "chunks_copied": chunks - changed}, v2.manifest["counts"]
+            started = time.perf_counter()
+            index = nbcustom.load("big", store=store)
+            open_s = time.perf_counter() - started
+            assert len(index.vectors) == chunks
+            index.retrieve(questions[-1:], 4)  # warm up: models, retriever, connections
+            times, search_times, found[backend] = [], [], []
+            for q in questions[:queries]:
+                started = time.perf_counter()
+                index.retrieve([q], 4)
+                times.append(time.perf_counter() - started)
+            for vector in probes:  # query vectors like the chunks' (the questions' are far from all topics)
+                started = time.perf_counter()
+                found[backend].append([i for i, _ in index.vectors.search(vector, 4)])
+                search_times.append(time.perf_counter() - started)
+            print(
+                f"  {backend:8s} build {build_s:7.1f}s | refresh ({changed} rows new, {chunks - changed} copied) {refresh_s:7.1f}s | "
+                f"open {open_s:5.1f}s | RagIndex.retrieve p50 {statistics.median(times) * 1000:6.1f} ms "
+                f"(p90 {np.percentile(times, 90) * 1000:.1f} ms) | vector search alone p50 {statistics.median(search_times) * 1000:6.1f} ms",
+                flush=True,
+            )
+            del index
+    recall = np.mean([len(set(a) & set(b)) / 4 for a, b in zip(found["duckdb"], found["pgvector"])])
+    print(f"  pgvector's top 4 (HNSW) against DuckDB's exact top 4, {queries} query vectors like the chunks': recall {recall:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=2000, help="rows in the build comparison")
@@ -273,7 +378,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=50, help="timed nbcustom queries")
     parser.add_argument("--baseline-queries", type=int, default=10, help="timed llama-index queries")
     parser.add_argument("--repeat", type=int, default=1, help="build comparisons (the median ratio counts)")
-    parser.add_argument("--only", default="build,refresh,retrieval")
+    parser.add_argument("--only", default="build,refresh,retrieval,backends")
+    parser.add_argument("--backend-chunks", type=int, default=100_000, help="chunks in the DuckDB / pgvector comparison")
+    parser.add_argument("--vector-store", help="postgresql://USER@HOST:PORT/DB for the comparison (default: start pgserver)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads for both sides (default 0: torch's own default, one per core)")
     args = parser.parse_args()
@@ -296,6 +403,8 @@ def main() -> None:
             results["refresh"] = bench_refresh(args.refresh_rows, scratch)
         if "retrieval" in parts:
             results["retrieval"] = bench_retrieval(args.retrieval_chunks, args.queries, args.baseline_queries, scratch)
+        if "backends" in parts:
+            bench_backends(args.backend_chunks, args.queries, scratch, args.vector_store)  # figures, no target
     print("summary: " + ", ".join(f"{k} {'PASS' if v else 'FAIL'}" for k, v in results.items())
           + f"; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

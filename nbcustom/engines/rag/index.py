@@ -3,7 +3,8 @@ with cited sources, evaluate the LLM alone against the LLM with retrieval.
 
 Each row becomes a llama-index ``Document`` (id, text, metadata), split by
 ``SentenceSplitter`` and embedded with the local embedding model; the vectors live in a
-DuckDB table (``rag_store``). A refresh embeds only rows whose content hash changed.
+vector store (``stores``: a DuckDB file in the version, or PostgreSQL with pgvector). A
+refresh embeds only rows whose content hash changed.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ...errors import NbCustomError
 from ...specs import RagSpec
 from .. import Outcome
 from . import models as rag_models
-from .stores import duckdb as rag_store
+from . import stores
 from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
 
 SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context."
@@ -137,46 +138,42 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     embed_path = models.resolve_embedding(spec.embed)
     models.resolve_llm(spec.llm)  # an unknown --llm fails now, not at the first question
 
-    old_hashes, reuse = {}, False
-    if previous is not None:
-        old_options = previous.manifest.get("options", {})
-        reuse = all(old_options.get(o) == getattr(spec, o) for o in INDEX_OPTIONS)
-        old_hashes = rag_store.row_hashes(previous.model_dir / rag_store.FILE)
+    old_hashes = stores.row_hashes(previous) if previous is not None else {}
+    display.phase("loading embedding model")
+    embed_model = rag_models.embedder(embed_path, EMBED_BATCH)
+    rag_models.use(embed_model)
+    dim = rag_models.dimension(embed_model)
+    writer = stores.create(spec.vector_store, previous, build.name, build.model_dir, dim)
+    build.on_abort.append(writer.discard)  # a server table of a failed build is dropped
+
+    same_options = previous is not None and all(previous.manifest.get("options", {}).get(o) == getattr(spec, o) for o in INDEX_OPTIONS)
+    reuse = same_options and writer.can_copy
     current = dict(zip(frame["row_id"], frame["hash"]))
     added = [r for r in current if r not in old_hashes]
     changed = [r for r in current if r in old_hashes and old_hashes[r] != current[r]]
     unchanged = [r for r in current if old_hashes.get(r) == current[r]]
     missing = [r for r in old_hashes if r not in current]
     kept = missing if spec.append else []
-    if not reuse:  # other embedding or chunking: every row is embedded again
+    if not reuse:  # other embedding, chunking or vector store: every row is embedded again
         to_embed = list(current)
         copied_rows: list[str] = []
     else:
         to_embed = added + changed
         copied_rows = unchanged + kept
     if kept and not reuse:
-        raise NbCustomError("--append needs the same --embed, --chunk-size and --chunk-overlap as the previous version")
+        raise NbCustomError("--append needs the same --embed, --chunk-size, --chunk-overlap and --vector-store as the previous version")
 
-    display.phase("loading embedding model")
-    embed_model = rag_models.embedder(embed_path, EMBED_BATCH)
-    rag_models.use(embed_model)
     display.phase("chunking")
     todo = frame[frame["row_id"].isin(set(to_embed))]
     chunks = split(todo, spec, embed_model)
     display.phase("embedding")
     before_calls = EMBED_CALLS["documents"]
     vectors = embed(embed_model, [c["embed_text"] for c in chunks], display)
-    dim = len(vectors[0]) if len(vectors) else rag_models.dimension(embed_model)
 
     display.phase("writing vectors")
-    path = build.model_dir / rag_store.FILE
-    con = rag_store.create(path, dim)
-    try:
-        rag_store.insert(con, chunks, vectors)
-        copied = rag_store.copy_rows(con, previous.model_dir / rag_store.FILE, copied_rows) if copied_rows else 0
-        total = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
-    finally:
-        rag_store.close(con)
+    writer.insert(chunks, vectors)
+    copied = writer.copy(copied_rows) if copied_rows else 0
+    entry, total = writer.finish()
 
     counts = {
         "added": len(added), "changed": len(changed), "removed": len(missing) - len(kept),
@@ -190,7 +187,9 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         f"{counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, {counts['unchanged']} unchanged"
         + (f", {len(kept)} kept (--append)" if kept else "")
     ]
-    if previous is not None and not reuse:
+    if same_options and not reuse:
+        notes.append(f"the vectors moved from v{previous.version}'s store to another: every row was embedded again")
+    elif previous is not None and not reuse:
         notes.append(f"--embed or chunking differs from v{previous.version}: every row was embedded again")
     train_rows = rows.copy()
     train_rows["content_hash"] = frame["hash"].to_numpy()
@@ -198,7 +197,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         train_rows = _with_kept(train_rows, previous, chosen["id_column"], kept)
     info = {
         "base": spec.llm or models.DEFAULT_LLM,
-        "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": f"model/{rag_store.FILE}"},
+        "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": entry},
     }
     import pandas as pd
 
@@ -323,7 +322,7 @@ class RagIndex:
         self.info = version.manifest.get("index", {})
         self.top_k = int(self.options.get("top_k") or 4)
         self.max_new_tokens = int(self.options.get("max_new_tokens") or 96)
-        self.vectors = rag_store.Vectors(version.model_dir / rag_store.FILE)
+        self.vectors = stores.open(version)
         self._index = None
 
     def __repr__(self) -> str:
@@ -347,7 +346,7 @@ class RagIndex:
 
             embed_model = self.embed_model()
             rag_models.use(embed_model)
-            self._index = VectorStoreIndex.from_vector_store(rag_store.vector_store(self.vectors), embed_model=embed_model)
+            self._index = VectorStoreIndex.from_vector_store(stores.vector_store(self.vectors), embed_model=embed_model)
         return self._index
 
     # --- retrieval and answers ---------------------------------------------------------

@@ -4,7 +4,7 @@ Columns: chunk_id, row_id, position (chunk number within the row), hash (the row
 hash), text, metadata (JSON), embedding FLOAT[dim]. A refresh copies the unchanged rows'
 chunks from the previous version's file instead of embedding them again. Search loads the
 matrix once and ranks by cosine similarity with numpy (one pass over the matrix, fast at 100k
-chunks); ``VectorStore`` exposes it to llama-index retrievers.
+chunks); ``DuckDBVectorStore`` exposes it to llama-index retrievers.
 """
 
 from __future__ import annotations
@@ -15,6 +15,31 @@ from typing import Any, Sequence
 
 FILE = "index.duckdb"
 COLUMNS = ("chunk_id", "row_id", "position", "hash", "text", "metadata")
+
+
+class Writer:
+    """A new version's ``model/index.duckdb`` (the store interface's writer)."""
+
+    def __init__(self, location: str, name: str, model_dir: Path, dim: int, previous: dict | None = None):
+        self._previous = previous
+        self.can_copy = previous is not None and previous["backend"] == "duckdb"
+        self._con = create(Path(model_dir) / FILE, dim)
+
+    def insert(self, chunks: Sequence[dict], vectors) -> None:
+        insert(self._con, chunks, vectors)
+
+    def copy(self, row_ids: Sequence[str]) -> int:
+        """Copy the previous version's chunks of ``row_ids``, file to file."""
+        return copy_rows(self._con, _path(self._previous), row_ids)
+
+    def finish(self) -> tuple[dict, int]:
+        total = self._con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+        close(self._con)
+        return {"backend": "duckdb", "file": f"model/{FILE}"}, int(total)
+
+    def discard(self) -> None:
+        """Close the file; it is inside the staging folder, which the store removes."""
+        self._con.close()
 
 
 def create(path: Path, dim: int):
@@ -75,11 +100,19 @@ def close(con) -> None:
     con.close()
 
 
-def row_hashes(path: Path) -> dict[str, str]:
-    """row id -> content hash of every row in an index file."""
+def open(entry: dict) -> "Vectors":
+    return Vectors(_path(entry))
+
+
+def drop(entry: dict) -> None:
+    """Nothing outside the version folder to remove."""
+
+
+def row_hashes(entry: dict) -> dict[str, str]:
+    """row id -> content hash of every row in a version's index file."""
     import duckdb
 
-    con = duckdb.connect(str(path), read_only=True)
+    con = duckdb.connect(str(_path(entry)), read_only=True)
     try:
         return dict(con.execute("SELECT DISTINCT row_id, hash FROM chunks").fetchall())
     finally:
@@ -114,23 +147,30 @@ class Vectors:
     def metadata(self, i: int) -> dict:
         return json.loads(self._metadata[i]) if self._metadata[i] else {}
 
-    def search(self, query, k: int) -> list[tuple[int, float]]:
-        """(chunk position, cosine similarity) of the ``k`` nearest chunks, best first."""
+    def search(self, query, k: int, among=None) -> list[tuple[int, float]]:
+        """(chunk position, cosine similarity) of the ``k`` nearest chunks, best first; only
+        among the chunk positions ``among`` when given."""
         import numpy as np
 
         q = np.asarray(query, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)
+        positions = None if among is None else np.asarray(among, dtype=np.int64)
+        matrix = self.matrix if positions is None else self.matrix[positions]
         # einsum's own SIMD loop, not a BLAS matrix-vector product: the product is bound by
         # memory (one pass over the matrix), so one thread is as fast as BLAS's threads, and
         # it leaves no BLAS worker threads spinning that would take the cores from the
         # embedding model's threads on the next query (that doubled its time on 2 cores).
-        scores = np.einsum("ij,j->i", self.matrix, q)
+        scores = np.einsum("ij,j->i", matrix, q)
         k = min(k, len(scores))
         if k <= 0:
             return []
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(i), float(scores[i])) for i in top]
+        return [(int(i if positions is None else positions[i]), float(scores[i])) for i in top]
+
+    def vector_store(self):
+        """These chunks as a read-only llama-index vector store."""
+        return vector_store(self)
 
 
 def vector_store(vectors: Vectors):
@@ -179,6 +219,10 @@ def _store_class() -> type:
 
         _CLASS["store"] = DuckDBVectorStore
     return _CLASS["store"]
+
+
+def _path(entry: dict) -> Path:
+    return Path(entry["folder"]) / entry["file"]
 
 
 def _quoted(path: Path) -> str:
