@@ -32,6 +32,11 @@ class NbCustom(Magics):
     store = Unicode(os.environ.get("NBCUSTOM_STORE", "nbcustom_store"), help="artifact store folder").tag(config=True)
     database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
     ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
+    launcher = Unicode(
+        os.environ.get("NBCUSTOM_LAUNCHER", ""),
+        help="torchrun command line that starts %%finetune's workers on several machines, e.g. "
+        "'torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400'",
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -65,6 +70,7 @@ class NbCustom(Magics):
         update an AutoML model on new rows."""
         args = self._args("finetune", line)
         name = args.pop("name")
+        args.setdefault("launcher", self.launcher or None)
         api.finetune(name, cell, **self._context(args), **args)
 
     @cell_magic
