@@ -93,6 +93,7 @@ def test_two_workers_train_the_same_lora_weights_as_one_process(tiny, tmp_path):
     assert not launch.run_folder(Checkpoint(store, "two", "")).exists()  # cleaned up after success
 
 
+@pytest.mark.slow  # about a minute on a loaded 2-core machine (two launchers start)
 def test_two_launchers_rendezvous_on_localhost_and_complete_a_run(tiny, tmp_path, monkeypatch):
     """Two nodes on one host: the kernel's launcher (node 0, from the launcher setting) and
     the other node's command as the README gives it, one worker each, c10d on 127.0.0.1."""
@@ -134,6 +135,7 @@ def _kill_one_worker_once_training(folder: Path, killed: list) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_is_one_line_no_version_and_no_process_left(tiny, tmp_path):
     store = tmp_path / "store"
     nbcustom.finetune("kept", llm_task.rows(12), store=store, ui="none", base=tiny, max_steps=1, max_new_tokens=1)

@@ -191,14 +191,18 @@ def cause(log: str) -> str:
     port = re.search(r"EADDRINUSE|[Aa]ddress already in use", log)
     if port:
         number = re.search(r"port:? (\d+)", log[max(0, port.start() - 400): port.end() + 400])
-        return f"port {number.group(1) if number else ''} is already in use: choose another port in the launcher line".replace("port  is", "a port is")
-    root = re.search(r"Root Cause.*?rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)
-    if root:
-        rank, code = int(root.group(1)), int(root.group(2))
-        if code < 0:
-            return f"worker rank {rank} was killed by {signal.Signals(-code).name}"
-        errors = re.findall(r"^(?:\[[^\]]*\]:)?\s*((?:[\w.]+(?:Error|Exception)|KeyboardInterrupt)\b.*)$", log, re.M)
-        errors = [e for e in errors if "ChildFailedError" not in e]
-        return f"worker rank {rank} exited with code {code}" + (f": {errors[0]}" if errors else "")
+        where = f"port {number.group(1)}" if number else "the rendezvous port"
+        return f"{where} is already in use: choose another port in the launcher line"
+    # torchrun lists each failed worker, the first observed failure last; a worker killed
+    # by a signal other than the SIGTERM torchrun sends the rest is the cause
+    failures = [(int(r), int(c)) for r, c in re.findall(r"rank\s*:\s*(\d+).*?exitcode\s*:\s*(-?\d+)", log, re.S)]
+    killed = [(r, c) for r, c in failures if c < 0 and -c != signal.SIGTERM]
+    if killed:
+        rank, code = killed[0]
+        return f"worker rank {rank} was killed by {signal.Signals(-code).name}"
+    if failures:
+        rank, code = failures[-1]
+        error = re.search(rf"^\[rank{rank}\]:\s*([\w.]*(?:Error|Exception)\b.*)$", log, re.M)
+        return f"worker rank {rank} exited with code {code}" + (f": {error.group(1)}" if error else "")
     lines = [line.strip() for line in log.splitlines() if line.strip()]
     return lines[-1] if lines else "the launcher exited without output"
