@@ -195,3 +195,43 @@ def test_launcher_setting_reaches_the_engine_and_a_missing_launcher_is_one_line(
     with pytest.raises(NbCustomError, match="'also-missing' not found"):
         nbcustom.finetune("far", llm_task.rows(12), store=store_dir, ui="none", base=tiny, max_steps=1, max_new_tokens=1)
     assert snapshot(store_dir) == {} and not _ours()
+
+
+NOTEBOOK = [
+    "%load_ext nbcustom",
+    "import sys; sys.path.insert(0, {tests!r})\nimport llm_task\nproducts = llm_task.rows(40)",
+    "%config NbCustom.store = {one!r}",
+    '%%finetune fmt --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 12 --system "{system}"\nSELECT * FROM products',
+    "%config NbCustom.store = {two!r}",
+    '%%finetune fmt --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 12 --system "{system}" --devices 2\nSELECT * FROM products',
+]
+
+
+def _summary(outputs) -> tuple[list, str]:
+    """The kinds of a cell's outputs, and its text summary with the figures masked (and
+    without the throughput line, the one that names the workers)."""
+    import re
+
+    kinds = [(o.output_type, sorted(o.get("data", {}))) for o in outputs]
+    text = "\n".join(o.data["text/plain"] for o in outputs if o.output_type == "display_data")
+    lines = [re.sub(r"\d[\d.,e+-]*", "#", line) for line in text.splitlines() if "tokens/s" not in line]
+    return kinds, "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_notebook_with_devices_2_shows_the_one_process_summary_and_learns(tmp_path):
+    from nbcustom import Store
+    from notebooks import run_notebook
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    cells = [c.format(tests=str(Path(__file__).parent), one=str(one), two=str(two), system=llm_task.SYSTEM) for c in NOTEBOOK]
+    nb = run_notebook(cells, tmp_path / "store", ui="static")
+
+    assert not [o for cell in nb.cells for o in cell.outputs if o.output_type == "error"]
+    alone, workers = _summary(nb.cells[3].outputs), _summary(nb.cells[5].outputs)
+    assert alone == workers
+    assert "exact_match" in workers[1] and "image/png" in str(workers[0])
+    manifest = Store(two).get("fmt").manifest
+    assert manifest["llm"]["world_size"] == 2
+    before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
+    assert after["exact_match"] > before["exact_match"]  # a held-out gain
