@@ -200,6 +200,9 @@ def test_launcher_setting_reaches_the_engine_and_a_missing_launcher_is_one_line(
 NOTEBOOK = [
     "%load_ext nbcustom",
     "import sys; sys.path.insert(0, {tests!r})\nimport llm_task\nproducts = llm_task.rows(40)",
+    # one thread in the kernel too: the workers have one each, and on a busy machine torch's
+    # threads spin waiting for each other
+    "import torch; torch.set_num_threads(1)",
     "%config NbCustom.store = {one!r}",
     '%%finetune fmt --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 12 --system "{system}"\nSELECT * FROM products',
     "%config NbCustom.store = {two!r}",
@@ -225,10 +228,10 @@ def test_notebook_with_devices_2_shows_the_one_process_summary_and_learns(tmp_pa
 
     one, two = tmp_path / "one", tmp_path / "two"
     cells = [c.format(tests=str(Path(__file__).parent), one=str(one), two=str(two), system=llm_task.SYSTEM) for c in NOTEBOOK]
-    nb = run_notebook(cells, tmp_path / "store", ui="static")
+    nb = run_notebook(cells, tmp_path / "store", ui="static", timeout=1800)
 
     assert not [o for cell in nb.cells for o in cell.outputs if o.output_type == "error"]
-    alone, workers = _summary(nb.cells[3].outputs), _summary(nb.cells[5].outputs)
+    alone, workers = _summary(nb.cells[4].outputs), _summary(nb.cells[6].outputs)
     assert alone == workers
     assert "exact_match" in workers[1] and "image/png" in str(workers[0])
     manifest = Store(two).get("fmt").manifest
