@@ -62,6 +62,7 @@ def main() -> None:
             check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
         )
         results[label] = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"{label}: {results[label]}", flush=True)  # kept if the next one does not finish
     with open("/proc/loadavg") as f:
         load = f.read().split()[:3]
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load average {' '.join(load)}; "
