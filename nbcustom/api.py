@@ -40,6 +40,10 @@ def default_vector_store() -> str | None:
     return settings.get("vector_store") or None
 
 
+def default_launcher() -> str | None:
+    return settings.get("launcher") or None
+
+
 def _store(store: str | os.PathLike | Store | None) -> Store:
     return store if isinstance(store, Store) else Store(store or default_store())
 
@@ -60,6 +64,8 @@ def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
     ``retrain``): an update on the new rows only, with the previous version's model types.
     """
     check_name(name)
+    if options.get("launcher") is None:
+        options["launcher"] = default_launcher()
     spec = FinetuneSpec.from_options(**options)
     store = _store(store)
     kind = store.kind(name) or "llm"

@@ -34,6 +34,11 @@ class NbCustom(Magics):
     database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
     ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
     vector_store = Unicode(help="where %%rag keeps vectors: duckdb or postgresql://USER@HOST:PORT/DB").tag(config=True)
+    launcher = Unicode(
+        os.environ.get("NBCUSTOM_LAUNCHER", ""),
+        help="torchrun command line that starts %%finetune's workers on several machines, e.g. "
+        "'torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400'",
+    ).tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)

@@ -16,6 +16,7 @@ ENVIRONMENT = {
     "store": ("NBCUSTOM_STORE", "nbcustom_store"),
     "ui": ("NBCUSTOM_UI", "auto"),
     "vector_store": ("NBCUSTOM_VECTOR_STORE", ""),
+    "launcher": ("NBCUSTOM_LAUNCHER", ""),
 }
 
 _kernel = None  # the loaded NbCustom magics; their traitlets hold the kernel's settings
@@ -29,8 +30,9 @@ def use(source) -> None:
 
 def get(name: str):
     """The setting ``name``: the kernel's where the extension is loaded, else the environment's."""
-    if _kernel is not None:
-        return getattr(_kernel, name)
+    value = getattr(_kernel, name) if _kernel is not None else None
+    if value:
+        return value
     variable, default = ENVIRONMENT[name]
     return os.environ.get(variable, default)
 

@@ -91,12 +91,14 @@ class FinetuneSpec(Spec):
     resume: bool = option(False, "resume an interrupted run from its last checkpoint", type=bool)
     compile: bool = option(False, "LLM on a GPU: compile the layers and use flex attention (pays off on long runs)", type=bool)
     max_new_tokens: int = option(64, "longest generation when evaluating", type=int)
+    devices: int = option(1, "LLM: train in this many torchrun worker processes (GPUs with --device cuda, else CPU processes)", type=int)
+    launcher: str | None = option(None, "LLM: torchrun command line for several machines (default: NbCustom.launcher / NBCUSTOM_LAUNCHER)")
     time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
     promote: str = promote_option()
 
     def validate(self) -> None:
         super().validate()
-        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit")
+        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices")
         self._fraction("eval_frac")
 
 

@@ -2,7 +2,8 @@
 
 Parts: ``data`` (rows -> tokenized examples, split, schedule), ``pack`` (packed rows, loss,
 micro-batches), ``generate`` (adapters, greedy generation, scoring), ``train`` (the loop and
-checkpoints), ``generator`` (a committed version).
+checkpoints), ``launch`` and ``worker`` (the loop in torchrun workers: ``--devices N``),
+``generator`` (a committed version).
 """
 
 from .generator import Generator, load

@@ -23,7 +23,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, pack as llm_pack
+from . import data as llm_data, launch, pack as llm_pack
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -78,7 +78,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
         fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
         with fast:
-            run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
+            loop = launch.train if launch.distributed(spec) else _train_loop  # torchrun workers, or here
+            run = loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
         after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after")
         display.phase("saving")
         peft_model.save_pretrained(build.model_dir)
@@ -100,7 +101,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     if run["resumed_from"]:
         notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
-    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}{compiled}")
+    where = f"{run['world_size']} {device} workers" if "world_size" in run else device
+    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {where}{compiled}")
     return Outcome(
         before=state["before"], after=after,
         counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},
@@ -118,9 +120,10 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     )
 
 
-def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display) -> dict:
+def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, backward=llm_pack.backward) -> dict:
     """AdamW with linear warmup and decay, one packed batch per step; updates
-    ``state`` (step, losses, tokens) and checkpoints it as it goes."""
+    ``state`` (step, losses, tokens) and checkpoints it as it goes. ``backward`` computes
+    a step's gradient (torchrun workers pass one that averages it across them)."""
     import torch
 
     total = len(steps)
@@ -148,7 +151,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     batch = packed(resumed_from) if resumed_from < total else None
     for step in range(resumed_from, total):
         model.train()
-        loss = llm_pack.backward(model, batch, MICRO_BATCH_TOKENS[device.type])
+        loss = backward(model, batch, MICRO_BATCH_TOKENS[device.type])
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
