@@ -114,23 +114,26 @@ class Vectors:
     def metadata(self, i: int) -> dict:
         return json.loads(self._metadata[i]) if self._metadata[i] else {}
 
-    def search(self, query, k: int) -> list[tuple[int, float]]:
-        """(chunk position, cosine similarity) of the ``k`` nearest chunks, best first."""
+    def search(self, query, k: int, among=None) -> list[tuple[int, float]]:
+        """(chunk position, cosine similarity) of the ``k`` nearest chunks, best first;
+        only chunks at the positions ``among`` when given."""
         import numpy as np
 
         q = np.asarray(query, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)
+        positions = None if among is None else np.asarray(among, dtype=np.int64)
+        matrix = self.matrix if positions is None else self.matrix[positions]
         # einsum's own SIMD loop, not a BLAS matrix-vector product: the product is bound by
         # memory (one pass over the matrix), so one thread is as fast as BLAS's threads, and
         # it leaves no BLAS worker threads spinning that would take the cores from the
         # embedding model's threads on the next query (that doubled its time on 2 cores).
-        scores = np.einsum("ij,j->i", self.matrix, q)
+        scores = np.einsum("ij,j->i", matrix, q)
         k = min(k, len(scores))
         if k <= 0:
             return []
         top = np.argpartition(-scores, k - 1)[:k]
         top = top[np.argsort(-scores[top], kind="stable")]
-        return [(int(i), float(scores[i])) for i in top]
+        return [(int(i if positions is None else positions[i]), float(scores[i])) for i in top]
 
 
 def vector_store(vectors: Vectors):
