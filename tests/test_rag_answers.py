@@ -97,6 +97,7 @@ def test_where_mistakes_are_one_line_errors_and_leave_the_store_unchanged(ip, st
         ("hb --ask --where \"sektion = 'it'\"", "metadata columns: id, section"),
         ("hb --ask --where \"section = \"", "--where"),
         ("hb --ask --search fuzzy", "--search must be one of"),
+        ("hb --ask --llm hb", "--llm hb: that is a rag model"),
     ]:
         with pytest.raises(NbCustomError) as error:
             ip.run_cell_magic("rag", line, "Who is the chief information officer?")
@@ -125,3 +126,18 @@ def test_rag_prompts_are_exactly_what_ask_sends(handbook):
     for question, system, prompt in zip(prompts["question"], prompts["system"], prompts["prompt"]):
         assert (system, prompt) == rag_answers.with_context(question, index.retrieve([question])[0])
     assert "27 days of paid annual leave" in prompts["prompt"][0]
+
+
+@pytest.mark.slow
+def test_a_finetuned_reader_answers_ask_and_eval(ip, store_dir, capsys):
+    ip.user_ns["handbook"] = documents_frame()
+    ip.run_cell_magic("rag", "hb --metadata section --max-new-tokens 8", "SELECT * FROM handbook")
+    ip.user_ns["train_rows"] = nbcustom.rag_prompts("hb", questions_frame(QUESTIONS[:8]), store=store_dir)
+    ip.run_cell_magic("finetune", "reader --max-steps 2 --batch-size 4 --eval-frac 0.25 --max-new-tokens 8",
+                      "SELECT system, prompt, response FROM train_rows")
+    capsys.readouterr()
+    ip.run_cell_magic("rag", "hb --ask --llm reader", "Who is the chief information officer?")
+    assert "Q: Who is the chief information officer?" in capsys.readouterr().out
+    ip.user_ns["questions"] = questions_frame(QUESTIONS[8:10])
+    ip.run_cell_magic("rag", "hb --eval --llm reader", "SELECT * FROM questions")
+    assert "TunedReader(reader@1)" in capsys.readouterr().out  # the summary names the reader

@@ -9,6 +9,7 @@ the refresh wrote (a few hundred ms for 10,000 chunks).
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Sequence
 
@@ -17,8 +18,27 @@ from ...errors import NbCustomError
 MODES = ("vector", "keyword", "hybrid")
 RRF_K = 60  # reciprocal rank fusion constant (Cormack et al. 2009): damps the top ranks' weight
 DEPTH = 50  # candidates each ranking contributes to the fusion
-# Words and single digits: "floor 2", "QF-7781" -> qf, 7781 (codes match on their parts).
-TOKEN = r"(?u)\b\w+\b"
+# Keyword candidates scoring under this share of the best one stay out of the fusion: a weak
+# match (a common word, a code's shared prefix) should not outvote the embedding's ranking.
+KEYWORD_KEEP = 0.7
+# Words, numbers, and hyphenated codes both whole and by their parts: "QF-7781" -> qf-7781,
+# qf, 7781, so the whole code outscores another code with the same prefix.
+WORD = re.compile(r"\w+")
+CODE = re.compile(r"\w+(?:-\w+)+")
+
+
+def words(text: str) -> list[str]:
+    """The BM25 terms of ``text``: lower-case words and whole codes, without stop words."""
+    text = text.lower()
+    stop = _stopwords()
+    return [w for w in WORD.findall(text) + CODE.findall(text) if w not in stop]
+
+
+@functools.cache
+def _stopwords() -> frozenset:
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return frozenset(STOPWORDS_EN)
 
 
 class Keywords:
@@ -28,17 +48,14 @@ class Keywords:
         import bm25s
 
         self._bm25 = bm25s.BM25()
-        tokens = bm25s.tokenize(list(texts), token_pattern=TOKEN, stopwords="en", show_progress=False)
-        self._bm25.index(tokens, show_progress=False)
+        self._bm25.index([words(t) for t in texts], show_progress=False)
         self._size = len(texts)
 
     def scores(self, question: str):
         """The BM25 score of every chunk for ``question`` (0 where no word matches)."""
-        import bm25s
         import numpy as np
 
-        words = bm25s.tokenize(question, token_pattern=TOKEN, stopwords="en", return_ids=False, show_progress=False)[0]
-        ids = self._bm25.get_tokens_ids(words)
+        ids = self._bm25.get_tokens_ids(words(question))
         return self._bm25.get_scores_from_ids(ids) if ids else np.zeros(self._size, dtype=np.float32)
 
 
@@ -69,7 +86,8 @@ def rank(vectors, keywords, query_vector, question: str, k: int, mode: str, amon
     if mode == "vector":
         return vectors.search(query_vector, k, among=among)
     depth = max(DEPTH, k)
-    by_words = [p for p, _ in keyword_ranking(keywords, question, depth, among)]
+    found = keyword_ranking(keywords, question, depth, among)
+    by_words = [p for p, score in found if score >= KEYWORD_KEEP * found[0][1]]
     if mode == "keyword":
         chosen = by_words[:k]
     else:
