@@ -365,10 +365,10 @@ class RagIndex:
         among = rag_search.where(self.vectors, where, self.info.get("metadata_columns", [])) if where else None
         embed_model = self.embed_model()
         keywords = self.keywords() if mode != "vector" else None
+        with rag_models.quiet():
+            queries = embed_model.query_embeddings(list(questions))
         out = []
-        for question in questions:
-            with rag_models.quiet():
-                query = embed_model.get_query_embedding(question)
+        for question, query in zip(questions, queries):
             hits = rag_search.rank(self.vectors, keywords, query, question, top_k or self.top_k, mode, among)
             out.append([self._source(i, score) for i, score in hits])
         return out
