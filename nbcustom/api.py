@@ -102,32 +102,64 @@ def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, 
     kind = store.kind(name)
     if kind not in (None, "rag"):
         raise NbCustomError(f"{name} is a {kind} model, not a RAG index: choose another name")
+    if spec.where:
+        raise NbCustomError("--where filters answers: use it with --ask, --eval or %%predict, not when building an index")
     rows = rows_of(data, namespace, con, params)
     return _commit("rag", name, "rag", spec, data, rows, store.active(name), engine("rag").build, store, ui, params)
 
 
-def ask(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None):
+def ask(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None,
+        search: str | None = None, where: str | None = None, llm: str | None = None):
     """Answer each question from the index ``name``: a DataFrame with ``question``,
-    ``answer`` and ``sources`` (id, score, snippet, metadata of each retrieved chunk)."""
+    ``answer`` and ``sources`` (id, score, snippet, metadata of each retrieved chunk).
+
+    ``search``: vector, keyword or hybrid (default: the index's); ``where``: a SQL predicate
+    on the metadata columns, applied before ranking; ``llm``: the reader, a ``%%finetune``d
+    LLM in the store (or a model name) instead of the index's answering model."""
     questions = [questions] if isinstance(questions, str) else list(questions)
     questions = [q.strip() for q in questions if q and q.strip()]
     if not questions:
         raise NbCustomError("no question given: write one question per line under %%rag NAME --ask")
-    return load(name, version=version, store=store, kind="rag").ask(questions, top_k=top_k)
+    store = _store(store)
+    index = load(name, version=version, store=store, kind="rag")
+    return index.ask(questions, top_k=top_k, search=search, where=where, llm=_reader(store, llm))
 
 
-def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None) -> Version:
+def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=None, con=None,
+                top_k: int | None = None, search: str | None = None, where: str | None = None):
+    """Question/answer rows -> fine-tuning rows for a reader of the index ``name``:
+    ``question``, ``system``, ``prompt`` (exactly what ``ask`` gives the model, retrieved
+    context included) and ``response`` (the reference ``answer``). ``%%finetune`` them, then
+    answer with ``ask(..., llm=READER)`` or ``%%rag NAME --ask --llm READER``."""
+    rows = rows_of(qa_rows, namespace, con)
+    return load(name, version=version, store=store, kind="rag").prompts(rows, top_k=top_k, search=search, where=where)
+
+
+def _reader(store: Store, llm: str | None):
+    """``--llm`` at answer time: a ``%%finetune``d LLM of the store (its generator), else
+    the name of an answering model, passed on as it is."""
+    if llm is None or store.kind(llm) is None:
+        return llm
+    if store.kind(llm) != "llm":
+        raise NbCustomError(f"--llm {llm}: that is a {store.kind(llm)} model; name an LLM made by %%finetune or a model")
+    return engine("llm").load(store.get(llm))
+
+
+def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None,
+             search: str | None = None, where: str | None = None, llm: str | None = None) -> Version:
     """RAG evaluation: the LLM alone (before) vs with retrieval (after), recorded with the
-    active version (``metrics.before/after`` in its manifest and ``eval.parquet``)."""
+    active version (``metrics.before/after`` in its manifest and ``eval.parquet``).
+    ``search``, ``where`` and ``llm`` as for ``ask``; both sides use the same reader."""
     store = _store(store)
     current = store.get(check_name(name))
     if current.kind != "rag":
         raise NbCustomError(f"{name} is a {current.kind} model: --eval is for RAG indexes")
     rows = rows_of(data, namespace, con)
+    reader = _reader(store, llm)
     display = make_display(ui or default_ui(), f"%%rag {name} --eval")
     try:
         index = engine("rag").load(current)
-        outcome = index.evaluate(rows, display, top_k=top_k)
+        outcome = index.evaluate(rows, display, top_k=top_k, search=search, where=where, llm=reader)
         updated = store.update(
             name, current.version, metrics={"before": outcome.before, "after": outcome.after},
             write=lambda folder: outcome.examples.to_parquet(folder / "eval.parquet", index=False),
@@ -143,8 +175,12 @@ def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
     """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
     spec = PredictSpec.from_options(**options)
     rows = rows_of(data, namespace, con)
-    model = load(name, version=spec.version, store=store)
-    result = model.predict(rows, **{k: v for k, v in (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k)) if v})
+    current = _store(store).get(check_name(name), spec.version)
+    if current.kind != "rag" and (spec.where or spec.search):
+        raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model")
+    model = engine(current.kind).load(current)
+    chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
+    result = model.predict(rows, **{k: v for k, v in chosen if v})
     if spec.into:
         check_name(spec.into)
         target = con if con is not None else _data.default_session().con

@@ -71,6 +71,21 @@ def _lcs(a: Sequence[str], b: Sequence[str]) -> int:
     return row[-1]
 
 
+def recall(retrieved: Sequence[str], relevant: Sequence[str]) -> float:
+    """Share of the ``relevant`` ids found in ``retrieved`` (recall@K for K retrieved)."""
+    wanted = set(relevant)
+    return len(wanted.intersection(retrieved)) / len(wanted) if wanted else 0.0
+
+
+def ndcg(retrieved: Sequence[str], relevant: Sequence[str]) -> float:
+    """Normalized discounted cumulative gain of a ranking with binary relevance (nDCG@K for
+    K retrieved): 1 when the relevant ids come first, less the lower they are ranked."""
+    wanted = set(relevant)
+    gain = sum(1.0 / math.log2(rank + 1) for rank, item in enumerate(retrieved, 1) if item in wanted)
+    best = sum(1.0 / math.log2(rank + 1) for rank in range(1, min(len(wanted), len(retrieved)) + 1))
+    return gain / best if best else 0.0
+
+
 def mean(values: Iterable[float]) -> float:
     """The mean, 0.0 for no values."""
     values = list(values)

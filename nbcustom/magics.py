@@ -104,12 +104,12 @@ class NbCustom(Magics):
         if args.pop("ask", False):
             from .display.answers import show_answers
 
-            answers = api.ask(name, cell.splitlines(), top_k=args.get("top_k"), store=self.store)
+            answers = api.ask(name, cell.splitlines(), store=self.store, **_answering(args))
             show_answers(answers)
             return None
         if args.pop("eval", False):
             context = self._context(args)
-            api.rag_eval(name, cell, **context, top_k=args.get("top_k"))
+            api.rag_eval(name, cell, **context, **_answering(args))
             return None
         api.rag(name, cell, **self._context(args), **args)
 
@@ -183,6 +183,11 @@ _JOB_PARSER.add_argument("--stop", action="store_true")
 _JOB_PARSER.add_argument("--promote", choices=PROMOTE, default=JOB_DEFAULT)
 _JOB_PARSER.add_argument("--min-rows", type=int)
 _JOB_PARSER.add_argument("--cron", action="store_true")
+
+
+def _answering(args: dict) -> dict:
+    """The %%rag options that apply to --ask and --eval."""
+    return {k: args.get(k) for k in ("top_k", "search", "where", "llm")}
 
 
 def load_ipython_extension(shell) -> None:

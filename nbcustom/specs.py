@@ -150,7 +150,7 @@ class RagSpec(Spec):
     chunk_overlap: int = option(64, "chunk overlap in tokens", type=int)
     top_k: int = option(4, "chunks retrieved per question", type=int)
     embed: str | None = option(None, "embedding model (default all-minilm-l6-v2)")
-    llm: str | None = option(None, "answering model (default smollm2-135m-instruct)")
+    llm: str | None = option(None, "answering model (default smollm2-135m-instruct); with --ask/--eval also a %%finetune'd LLM (a reader)")
     append: bool = option(False, "keep rows missing from the query", type=bool)
     max_new_tokens: int = option(96, "longest answer in tokens", type=int)
     promote: str = promote_option()
@@ -158,6 +158,8 @@ class RagSpec(Spec):
         None, "where the vectors live: duckdb (a file in the version) or postgresql://USER@HOST:PORT/DB "
         "(default: where the previous version's are; a new index: duckdb)",
     )
+    search: str = option("hybrid", "ranking of chunks: vector, keyword (BM25) or hybrid (both, fused)", choices=("vector", "keyword", "hybrid"))
+    where: str | None = option(None, "--ask/--eval: only chunks whose metadata satisfy this SQL predicate")
 
     def validate(self) -> None:
         super().validate()
@@ -182,6 +184,8 @@ class PredictSpec(Spec):
     into: str | None = option(None, "also write the result to this DuckDB table")
     max_new_tokens: int | None = option(None, "LLM/RAG: longest generation", type=int)
     top_k: int | None = option(None, "RAG: chunks retrieved per question", type=int)
+    search: str | None = option(None, "RAG: vector, keyword or hybrid (default: the index's)", choices=("vector", "keyword", "hybrid"))
+    where: str | None = option(None, "RAG: only chunks whose metadata satisfy this SQL predicate")
 
     def validate(self) -> None:
         super().validate()

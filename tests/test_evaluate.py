@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from nbcustom.evaluate import contains, exact_match, generation_scores, normalize, perplexity, rouge_l, token_f1
+from nbcustom.evaluate import contains, exact_match, generation_scores, ndcg, normalize, perplexity, recall, rouge_l, token_f1
 
 
 def test_normalize_drops_case_punctuation_articles_and_spaces():
@@ -53,3 +53,15 @@ def test_perplexity_is_exp_of_loss():
     assert perplexity(0.0) == 1.0
     assert perplexity(2.0) == pytest.approx(math.e**2)
     assert math.isfinite(perplexity(1e6))
+
+
+def test_recall_and_ndcg_of_a_ranking():
+    assert recall(["a", "b", "c"], ["b"]) == 1.0
+    assert recall(["a", "b"], ["b", "z"]) == 0.5
+    assert recall(["a"], []) == 0.0
+    assert ndcg(["b", "a"], ["b"]) == 1.0
+    # one relevant id at rank 2: 1/log2(3)
+    assert ndcg(["a", "b"], ["b"]) == pytest.approx(1 / math.log2(3))
+    # both relevant, second one at rank 3: (1 + 1/log2(4)) / (1 + 1/log2(3))
+    assert ndcg(["x", "a", "y", "b"][1:], ["a", "b"]) == pytest.approx((1 + 0.5) / (1 + 1 / math.log2(3)))
+    assert ndcg(["a"], ["z"]) == 0.0

@@ -17,12 +17,9 @@ from typing import Any, Iterator, Sequence
 from ...errors import NbCustomError
 from ...specs import RagSpec
 from .. import Outcome
-from . import models as rag_models
-from . import stores
+from . import answers as rag_answers, models as rag_models, search as rag_search, stores
 from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
 
-SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context."
-SYSTEM_ALONE = "Answer the question with a short answer."
 SNIPPET = 200  # characters of a source shown with an answer
 EMBED_BATCH = 64
 SPLIT_BATCH, SPLIT_CHARS = 1000, 1_000_000  # rows (or characters) tokenized together before splitting
@@ -322,8 +319,10 @@ class RagIndex:
         self.info = version.manifest.get("index", {})
         self.top_k = int(self.options.get("top_k") or 4)
         self.max_new_tokens = int(self.options.get("max_new_tokens") or 96)
+        self.search = self.options.get("search") or RagSpec().search
         self.vectors = stores.open(version)
         self._index = None
+        self._keywords = None
 
     def __repr__(self) -> str:
         return f"RagIndex({self.version.name}@{self.version.version}, {len(self.vectors)} chunks)"
@@ -334,8 +333,8 @@ class RagIndex:
 
         return rag_models.embedder(models.resolve_embedding(self.options.get("embed")), EMBED_BATCH)
 
-    def llm(self, max_new_tokens: int | None = None):
-        llm = rag_models.answerer(self.options.get("llm"), max_new_tokens or self.max_new_tokens)
+    def llm(self, max_new_tokens: int | None = None, model: str | None = None):
+        llm = rag_models.answerer(model or self.options.get("llm"), max_new_tokens or self.max_new_tokens)
         rag_models.use(self.embed_model(), llm)
         return llm
 
@@ -350,98 +349,128 @@ class RagIndex:
         return self._index
 
     # --- retrieval and answers ---------------------------------------------------------
-    def retrieve(self, questions: Sequence[str], top_k: int | None = None) -> list[list[dict]]:
-        """For each question, its ``top_k`` sources: id, score, snippet, metadata, text."""
-        retriever = self.as_llama_index().as_retriever(similarity_top_k=top_k or self.top_k)
+    def keywords(self):
+        """The BM25 index over this version's chunks (built on first use)."""
+        if self._keywords is None:
+            self._keywords = rag_search.Keywords(self.vectors.texts)
+        return self._keywords
+
+    def retrieve(self, questions: Sequence[str], top_k: int | None = None, search: str | None = None, where: str | None = None) -> list[list[dict]]:
+        """For each question, its ``top_k`` sources (id, score, snippet, metadata, text),
+        ranked by ``search`` (vector, keyword or hybrid) among the chunks whose metadata
+        satisfies the SQL predicate ``where``."""
+        mode = rag_search.check_mode(search or self.search)
+        among = rag_search.where(self.vectors, where, self.info.get("metadata_columns", [])) if where else None
+        embed_model = self.embed_model()
+        keywords = self.keywords() if mode != "vector" else None
+        with rag_models.quiet():
+            queries = embed_model.query_embeddings(list(questions))
         out = []
-        for question in questions:
-            with rag_models.quiet():
-                hits = retriever.retrieve(question)
-            out.append([self._source(hit) for hit in hits])
+        for question, query in zip(questions, queries):
+            hits = rag_search.rank(self.vectors, keywords, query, question, top_k or self.top_k, mode, among)
+            out.append([self._source(i, score) for i, score in hits])
         return out
 
-    def _source(self, hit) -> dict:
-        node = hit.node
-        row_id = node.ref_doc_id
+    def _source(self, i: int, score: float) -> dict:
+        from llama_index.core.schema import MetadataMode, TextNode
+
+        row_id, metadata = self.vectors.row_ids[i], self.vectors.metadata(i)
         return {
             "id": int(row_id) if self.info.get("id_type") == "int" else row_id,
-            "score": round(float(hit.score), 4),
-            "snippet": _snippet(node.text),
-            "metadata": dict(node.metadata),
-            "text": node.get_content(metadata_mode=_llm_mode()),
+            "score": round(float(score), 4),
+            "snippet": _snippet(self.vectors.texts[i]),
+            "metadata": metadata,
+            # what the LLM reads: llama-index's rendering of the chunk with its metadata
+            "text": TextNode(text=self.vectors.texts[i], metadata=metadata).get_content(metadata_mode=MetadataMode.LLM),
         }
 
-    def answer(self, questions: Sequence[str], sources: Sequence[list[dict]] | None, max_new_tokens=None, progress=None) -> list[str]:
+    def reader(self, llm=None):
+        """What generates answers: ``llm`` when it is a reader (a ``%%finetune``d version's
+        generator), else the answering model named ``llm`` or the index's own."""
+        if llm is not None and not isinstance(llm, str):
+            return rag_answers.TunedReader(llm)
+        return rag_answers.Reader(self.llm(model=llm))
+
+    def answer(self, questions: Sequence[str], sources: Sequence[list[dict]] | None, max_new_tokens=None, progress=None, llm=None) -> list[str]:
         """Greedy answers: from the sources when given, else from the LLM alone."""
-        from llama_index.core.base.llms.types import ChatMessage
+        if sources is None:
+            turns = [rag_answers.alone(q) for q in questions]
+        else:
+            turns = [rag_answers.with_context(q, found) for q, found in zip(questions, sources)]
+        return self.reader(llm).generate(turns, max_new_tokens or self.max_new_tokens, progress)
 
-        llm = self.llm(max_new_tokens)
-        prompts = []
-        for i, question in enumerate(questions):
-            if sources is None:
-                messages = [ChatMessage(role="system", content=SYSTEM_ALONE), ChatMessage(role="user", content=question)]
-            else:
-                context = "\n".join(f"[{n}] {s['text']}" for n, s in enumerate(sources[i], 1))
-                messages = [
-                    ChatMessage(role="system", content=SYSTEM_CONTEXT),
-                    ChatMessage(role="user", content=f"Context:\n{context}\n\nQuestion: {question}"),
-                ]
-            prompts.append(llm.chat_prompt(messages))
-        return llm.generate(prompts, max_new_tokens=max_new_tokens, progress=progress)
+    def prompts(self, rows, top_k: int | None = None, search: str | None = None, where: str | None = None):
+        """``rows`` (``question``, ``answer``) as fine-tuning rows for a reader: ``system``,
+        ``prompt`` (what ``ask`` sends the model for the question) and ``response`` (the
+        reference answer)."""
+        import pandas as pd
 
-    def ask(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None):
+        column = _question_column(rows, "rag_prompts")
+        if "answer" not in rows.columns:
+            raise NbCustomError("rag_prompts needs an `answer` column with the reference answers (SELECT ... AS answer)")
+        questions = [str(q) for q in rows[column]]
+        sources = self.retrieve(questions, top_k, search, where)
+        turns = [rag_answers.with_context(q, found) for q, found in zip(questions, sources)]
+        return pd.DataFrame(
+            {"question": questions, "system": [t[0] for t in turns], "prompt": [t[1] for t in turns], "response": [str(a) for a in rows["answer"]]}
+        )
+
+    def ask(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None):
         """A DataFrame of ``question``, ``answer`` and ``sources`` (id, score, snippet, metadata)."""
         import pandas as pd
 
         questions = list(questions)
-        sources = self.retrieve(questions, top_k)
-        answers = self.answer(questions, sources, max_new_tokens)
+        sources = self.retrieve(questions, top_k, search, where)
+        answers = self.answer(questions, sources, max_new_tokens, llm=llm)
         return pd.DataFrame({"question": questions, "answer": answers, "sources": [_public(s) for s in sources]})
 
-    def predict(self, rows, top_k: int | None = None, max_new_tokens: int | None = None):
+    def predict(self, rows, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None):
         """``rows`` with ``prediction`` (the answer to its ``question``) and ``sources``."""
         column = _question_column(rows, "%%predict on a RAG index")
         questions = [str(q) for q in rows[column]]
-        answers = self.ask(questions, top_k=top_k, max_new_tokens=max_new_tokens)
+        answers = self.ask(questions, top_k=top_k, max_new_tokens=max_new_tokens, search=search, where=where)
         result = rows.copy()
         result["prediction"] = answers["answer"].to_numpy()
         result["sources"] = answers["sources"].to_numpy()
         return result
 
-    def evaluate(self, rows, display, top_k: int | None = None, max_new_tokens: int | None = None) -> Outcome:
+    def evaluate(self, rows, display, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None) -> Outcome:
         """The LLM alone (before) against the LLM with retrieval (after), on ``rows`` with
-        ``question``, ``answer`` and optional ``source_id``.
+        ``question``, ``answer`` and optional ``source_id`` (one row id, or a list of them).
 
         Both sides get ``answer_f1`` (token F1 with the reference answer) and
         ``answer_contains`` (share of answers that contain the normalized reference).
-        Only the after side has ``hit_rate@K`` (share of questions whose ``source_id`` row is
-        among the K retrieved chunks) and ``mrr`` (mean of 1/rank of that row, 0 when not
-        retrieved): the LLM alone retrieves nothing, so those metrics do not exist before.
-        Both are computed over the rows that have a ``source_id`` and left out when none has.
+        Only the after side has the retrieval metrics over the K retrieved chunks' rows:
+        ``hit_rate@K`` (a source row is among them), ``mrr`` (mean 1/rank of the first source
+        row, 0 when not retrieved), ``recall@K`` (share of the source rows retrieved) and
+        ``ndcg@K`` (ranked gain, 1 when the source rows come first): the LLM alone retrieves
+        nothing, so those metrics do not exist before. They are computed over the rows that
+        have a ``source_id`` and left out when none has. Both sides use the same reader.
         """
         import pandas as pd
 
-        from ...evaluate import contains, mean, token_f1
+        from ...evaluate import contains, mean, ndcg, recall, token_f1
 
         column = _question_column(rows, "--eval")
         if "answer" not in rows.columns:
             raise NbCustomError("the --eval query needs an `answer` column with the reference answers (SELECT ... AS answer)")
         k = top_k or self.top_k
+        mode = rag_search.check_mode(search or self.search)
         questions = [str(q) for q in rows[column]]
         references = ["" if _missing(a) or a is None else str(a) for a in rows["answer"]]
-        source_ids = [key(s) for s in rows["source_id"]] if "source_id" in rows.columns else [None] * len(rows)
+        relevant = [_relevant(s) for s in rows["source_id"]] if "source_id" in rows.columns else [[]] * len(rows)
         total = len(questions)
 
         display.phase("answering without retrieval")
-        before = self.answer(questions, None, max_new_tokens, progress=lambda n: display.step(n, total))
+        before = self.answer(questions, None, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm)
         display.phase("retrieving")
-        sources = self.retrieve(questions, k)
+        sources = self.retrieve(questions, k, mode, where)
         display.phase("answering with retrieval")
-        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total))
+        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm)
 
-        retrieved = [[str(s["id"]) for s in found] for found in sources]
-        ranks = [(r.index(sid) + 1 if sid in r else None) if sid is not None else None for sid, r in zip(source_ids, retrieved)]
-        scored = [i for i, sid in enumerate(source_ids) if sid is not None]
+        retrieved = [list(dict.fromkeys(str(s["id"]) for s in found)) for found in sources]
+        ranks = [next((n for n, r in enumerate(found, 1) if r in rel), None) if rel else None for rel, found in zip(relevant, retrieved)]
+        scored = [i for i, rel in enumerate(relevant) if rel]
 
         def side(answers):
             return {
@@ -453,19 +482,31 @@ class RagIndex:
         if scored:
             after_metrics[f"hit_rate@{k}"] = mean(1.0 if ranks[i] else 0.0 for i in scored)
             after_metrics["mrr"] = mean(1.0 / ranks[i] if ranks[i] else 0.0 for i in scored)
+            after_metrics[f"recall@{k}"] = mean(recall(retrieved[i], relevant[i]) for i in scored)
+            after_metrics[f"ndcg@{k}"] = mean(ndcg(retrieved[i], relevant[i]) for i in scored)
         examples = pd.DataFrame(
             {
                 "question": questions, "reference": references, "before": before, "after": after,
-                "source_id": source_ids, "retrieved": retrieved,
-                "hit": [None if sid is None else bool(rank) for sid, rank in zip(source_ids, ranks)],
+                "source_id": [",".join(rel) if rel else None for rel in relevant], "retrieved": retrieved,
+                "hit": [None if not rel else bool(rank) for rel, rank in zip(relevant, ranks)],
                 "rank": pd.array(ranks, dtype="Int64"),
             }
         )
+        reader = "" if llm is None else f", reader {llm if isinstance(llm, str) else self.reader(llm)!r}"
         return Outcome(
             before=side(before), after=after_metrics, examples=examples,
-            before_label="LLM alone", after_label=f"with retrieval (top {k})",
-            notes=[f"{total} questions; retrieval metrics over the {len(scored)} with a source_id"],
+            before_label="LLM alone", after_label=f"with retrieval (top {k}, {mode})",
+            notes=[f"{total} questions; retrieval metrics over the {len(scored)} with a source_id"
+                   + (f"; only chunks where {where}" if where else "") + reader],
         )
+
+
+def _relevant(value) -> list[str]:
+    """The row ids of a ``source_id`` value: one id, or a list of them (a DuckDB LIST)."""
+    if isinstance(value, (list, tuple)) or hasattr(value, "tolist") and not isinstance(value, str) and getattr(value, "ndim", 0):
+        return [k for k in map(key, list(value)) if k is not None]
+    found = key(value)
+    return [found] if found is not None else []
 
 
 def _question_column(rows, where: str) -> str:
@@ -482,9 +523,3 @@ def _snippet(text: str) -> str:
 def _public(sources: list[dict]) -> list[dict]:
     """Sources as users see them: without the full prompt text."""
     return [{k: v for k, v in s.items() if k != "text"} for s in sources]
-
-
-def _llm_mode():
-    from llama_index.core.schema import MetadataMode
-
-    return MetadataMode.LLM

@@ -48,6 +48,11 @@ def _embedding_class() -> type:
                 EMBED_CALLS["queries"] += 1
                 return super()._get_query_embedding(query)
 
+            def query_embeddings(self, queries: list[str]) -> list[list[float]]:
+                """Several queries in one batch (llama-index embeds queries one at a time)."""
+                EMBED_CALLS["queries"] += len(queries)
+                return self._embed(list(queries), prompt_name="query") if queries else []
+
             def _get_text_embedding(self, text: str) -> list[float]:
                 EMBED_CALLS["documents"] += 1
                 return super()._get_text_embedding(text)

@@ -1,0 +1,143 @@
+"""RAG answers that a small local model gets right: hybrid retrieval (BM25 + vectors),
+``--where`` filters on metadata, the prompt, ``rag_prompts`` and a tuned reader, on the
+invented handbook of tests/handbook.py with the real embedded models."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+import nbcustom
+from nbcustom.engines.rag import answers as rag_answers
+from nbcustom.errors import NbCustomError
+from nbcustom.store import Store
+
+from conftest import snapshot
+from handbook import QUESTIONS, documents_frame, questions_frame
+
+# Its answer is a form code that only document 2 holds; the embedding blurs the code with the
+# other QF- forms, BM25 matches its digits.
+CODE_QUESTION = "What is form QF-7781 for?"
+
+
+@pytest.fixture(scope="module")
+def handbook(tmp_path_factory):
+    """The handbook indexed once for the module (short answers keep generation cheap)."""
+    store = tmp_path_factory.mktemp("handbook") / "store"
+    nbcustom.rag("hb", documents_frame(), store=store, ui="none", metadata="section", max_new_tokens=8)
+    return store
+
+
+def ranked_ids(index, question, search, k=4, where=None) -> list:
+    return [s["id"] for s in index.retrieve([question], k, search, where)[0]]
+
+
+def test_hybrid_puts_the_only_document_with_a_code_first_where_vector_does_not(handbook):
+    index = nbcustom.load("hb", store=handbook)
+    assert sum(1 for _, _, text in documents_frame().itertuples(index=False) if "QF-7781" in text) == 1
+    by_meaning = ranked_ids(index, CODE_QUESTION, "vector", k=10)
+    assert by_meaning[0] != 2  # the embedding alone puts another form first
+    assert ranked_ids(index, CODE_QUESTION, "hybrid")[0] == 2
+    assert ranked_ids(index, CODE_QUESTION, "keyword")[0] == 2
+    assert index.search == "hybrid"  # the default
+    # scores shown with sources are cosine similarities whatever the ranking
+    hybrid = index.retrieve([CODE_QUESTION], 4, "hybrid")[0]
+    vector = dict((s["id"], s["score"]) for s in index.retrieve([CODE_QUESTION], 32, "vector")[0])
+    assert all(s["score"] == vector[s["id"]] for s in hybrid)
+
+
+def test_hybrid_finds_every_source_vector_finds(handbook):
+    index = nbcustom.load("hb", store=handbook)
+    questions = [q for q, _, _ in QUESTIONS]
+    found = {mode: index.retrieve(questions, 4, mode) for mode in ("vector", "hybrid")}
+
+    def hits(mode):
+        return sum(sid in [s["id"] for s in f] for (_, _, sid), f in zip(QUESTIONS, found[mode]))
+
+    assert hits("hybrid") >= hits("vector")
+
+
+def test_where_restricts_the_sources_of_every_answer_and_works_after_a_refresh(ip, store_dir):
+    ip.user_ns["handbook"] = documents_frame()
+    ip.run_cell_magic("rag", "hb --metadata section --max-new-tokens 8", "SELECT * FROM handbook")
+    questions = ["Who is the chief information officer?", "How much does a replacement badge cost?", "Where are payslips available?"]
+    answers = nbcustom.ask("hb", questions, where="section = 'it'", store=store_dir)
+    assert all(s["metadata"]["section"] == "it" for found in answers["sources"] for s in found)
+    assert answers["sources"][0][0]["id"] == 17
+    everywhere = nbcustom.ask("hb", questions[1:2], store=store_dir)
+    assert everywhere["sources"][0][0]["metadata"]["section"] == "security"
+
+    # refresh: one IT document changed section, one new IT document; the filter follows
+    rows = documents_frame()
+    rows.loc[rows["id"] == 17, "section"] = "governance"
+    rows = pd.concat([rows, pd.DataFrame([{"id": 40, "section": "it", "text": "Monitors are ordered from the IT shop Screenly."}])])
+    ip.user_ns["handbook"] = rows
+    ip.run_cell_magic("rag", "hb --metadata section --max-new-tokens 8", "SELECT * FROM handbook")
+    assert Store(store_dir).get("hb").manifest["counts"]["embedded"] == 2
+    result = ip.run_cell_magic(
+        "predict", "hb --where \"section IN ('it', 'governance') AND id <> '15'\" --top-k 3",
+        "SELECT 'Who is the chief information officer?' AS question UNION ALL SELECT 'Where are monitors ordered?'",
+    )
+    sources = [s for found in result["sources"] for s in found]
+    assert {s["metadata"]["section"] for s in sources} <= {"it", "governance"} and 15 not in [s["id"] for s in sources]
+    assert result["sources"][0][0]["id"] == 17 and result["sources"][1][0]["id"] == 40
+
+    ip.user_ns["questions"] = questions_frame(QUESTIONS[:4])
+    ip.run_cell_magic("rag", "hb --eval --where \"section = 'it'\"", "SELECT * FROM questions")
+    examples = pd.read_parquet(Store(store_dir).get("hb").path / "eval.parquet")
+    it_rows = {str(i) for i, section, _ in rows.itertuples(index=False) if section == "it"}
+    assert all(set(r) <= it_rows for r in examples["retrieved"])
+
+
+def test_where_mistakes_are_one_line_errors_and_leave_the_store_unchanged(ip, store_dir):
+    ip.user_ns["handbook"] = documents_frame()
+    ip.run_cell_magic("rag", "hb --metadata section --max-new-tokens 8", "SELECT * FROM handbook")
+    state = snapshot(store_dir)
+    for line, message in [
+        ("hb --ask --where \"sektion = 'it'\"", "metadata columns: id, section"),
+        ("hb --ask --where \"section = \"", "--where"),
+        ("hb --ask --search fuzzy", "--search must be one of"),
+        ("hb --ask --llm hb", "--llm hb: that is a rag model"),
+    ]:
+        with pytest.raises(NbCustomError) as error:
+            ip.run_cell_magic("rag", line, "Who is the chief information officer?")
+        assert message in str(error.value) and "\n" not in str(error.value)
+    with pytest.raises(NbCustomError, match="use it with --ask"):
+        ip.run_cell_magic("rag", "hb --where \"section = 'it'\"", "SELECT * FROM handbook")
+    assert snapshot(store_dir) == state
+
+
+def test_the_prompt_has_no_numbered_markers_and_the_best_chunk_last():
+    sources = [
+        {"text": "best", "score": 0.8}, {"text": "close", "score": 0.7}, {"text": "far", "score": 0.3},
+    ]
+    system, user = rag_answers.with_context("Q?", sources)
+    assert system == rag_answers.SYSTEM_CONTEXT
+    assert "[1]" not in user and "far" not in user  # under KEEP x the best score: left out
+    assert user.index("close") < user.index("best") < user.index("Question: Q?")
+
+
+def test_rag_prompts_are_exactly_what_ask_sends(handbook):
+    rows = questions_frame(QUESTIONS[:3])
+    prompts = nbcustom.rag_prompts("hb", rows, store=handbook)
+    assert list(prompts.columns) == ["question", "system", "prompt", "response"]
+    assert prompts["response"].tolist() == [a for _, a, _ in QUESTIONS[:3]]
+    index = nbcustom.load("hb", store=handbook)
+    for question, system, prompt in zip(prompts["question"], prompts["system"], prompts["prompt"]):
+        assert (system, prompt) == rag_answers.with_context(question, index.retrieve([question])[0])
+    assert "27 days of paid annual leave" in prompts["prompt"][0]
+
+
+@pytest.mark.slow
+def test_a_finetuned_reader_answers_ask_and_eval(ip, store_dir, capsys):
+    ip.user_ns["handbook"] = documents_frame()
+    ip.run_cell_magic("rag", "hb --metadata section --max-new-tokens 8", "SELECT * FROM handbook")
+    ip.user_ns["train_rows"] = nbcustom.rag_prompts("hb", questions_frame(QUESTIONS[:8]), store=store_dir)
+    ip.run_cell_magic("finetune", "reader --max-steps 2 --batch-size 4 --eval-frac 0.25 --max-new-tokens 8",
+                      "SELECT system, prompt, response FROM train_rows")
+    capsys.readouterr()
+    ip.run_cell_magic("rag", "hb --ask --llm reader", "Who is the chief information officer?")
+    assert "Q: Who is the chief information officer?" in capsys.readouterr().out
+    ip.user_ns["questions"] = questions_frame(QUESTIONS[8:10])
+    ip.run_cell_magic("rag", "hb --eval --llm reader", "SELECT * FROM questions")
+    assert "TunedReader(reader@1)" in capsys.readouterr().out  # the summary names the reader
