@@ -14,7 +14,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data
+from . import data as _data, tracking
 from .display import Summary, make_display
 from .engines import EXPORTS, Outcome, engine, exporter
 from .errors import NbCustomError
@@ -123,6 +123,7 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
         display.fail(e)
         raise
     display.finish(_summary(f"%%rag {name} --eval  (v{current.version})", outcome, {"questions": len(rows)}))
+    tracking.log_version(updated, store.root, evaluation=True)
     return updated
 
 
@@ -188,7 +189,9 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
     facts = {"version": build.version, **{k: v for k, v in build.manifest["counts"].items()}}
     outcome.after_label = outcome.after_label or f"v{build.version}"
     display.finish(_summary(f"%%{magic} {name} -> v{build.version}", outcome, facts))
-    return Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
+    committed = Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
+    tracking.log_version(committed, store.root)
+    return committed
 
 
 def _write_outcome(folder, outcome: Outcome) -> None:

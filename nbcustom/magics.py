@@ -32,6 +32,7 @@ class NbCustom(Magics):
     store = Unicode(os.environ.get("NBCUSTOM_STORE", "nbcustom_store"), help="artifact store folder").tag(config=True)
     database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
     ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
+    tracking = Enum(("none", "mlflow"), os.environ.get("NBCUSTOM_TRACKING", "none"), help="log every new version as an MLflow run").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -103,7 +104,7 @@ class NbCustom(Magics):
     @line_magic
     def nbc(self, line: str):
         """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
-        compare NAME V1 V2 | runs [NAME] | job NAME --every 10m [--track COL] | job NAME --stop | jobs"""
+        compare NAME V1 V2 | runs [NAME] | export NAME[@V] --format F --to DIR | job NAME --every 10m [--track COL] | job NAME --stop | jobs"""
         from . import catalog
 
         if line.split()[:1] in (["job"], ["jobs"]):
