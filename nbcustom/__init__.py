@@ -5,13 +5,13 @@
 autogluon, llama_index) is imported until a run needs it.
 """
 
-from .api import ask, finetune, load, predict, rag, rag_eval, retrain
+from .api import ask, export, finetune, load, predict, rag, rag_eval, retrain
 from .data import default_session
 from .errors import NbCustomError
 from .store import Store
 
 __version__ = "0.1.0"
-__all__ = ["NbCustomError", "Store", "ask", "connection", "finetune", "load", "predict", "rag", "rag_eval", "retrain"]
+__all__ = ["NbCustomError", "Store", "ask", "connection", "export", "finetune", "load", "predict", "rag", "rag_eval", "retrain"]
 
 
 def connection():

@@ -21,6 +21,7 @@ import llm_task
 from nbcustom import Store, models
 from nbcustom.engines.llm import data as llm_data
 from nbcustom.engines.llm.generate import generate
+from test_tracking import runs_of
 
 OPTIONS = f'--max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 12 --system "{llm_task.SYSTEM}"'
 MAX_NEW = 12
@@ -39,7 +40,14 @@ def exported(shell, tmp_path_factory):
     shell.run_line_magic("config", f"NbCustom.store = {str(store)!r}")
     shell.run_line_magic("config", "NbCustom.ui = 'none'")
     shell.user_ns["fmt_rows"] = llm_task.rows(40)
-    shell.run_cell_magic("finetune", f"fmt {OPTIONS}", "SELECT * FROM fmt_rows")
+    env = pytest.MonkeyPatch()
+    env.delenv("MLFLOW_TRACKING_URI", raising=False)
+    shell.run_line_magic("config", "NbCustom.tracking = 'mlflow'")  # the fine-tune is also the tracking test's run
+    try:
+        shell.run_cell_magic("finetune", f"fmt {OPTIONS}", "SELECT * FROM fmt_rows")
+    finally:
+        shell.run_line_magic("config", "NbCustom.tracking = 'none'")
+        env.undo()
     version = Store(store).get("fmt")
     holdout = pd.read_parquet(version.path / "eval.parquet")["prompt"].tolist()
     prompts = holdout + llm_task.rows(12, seed=11)["prompt"].tolist()
@@ -186,3 +194,22 @@ def test_ollama_system_defaults_to_the_template_s_own_when_the_version_has_none(
     prompt = "Hello"
     expected = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     assert render_go_template(fields["TEMPLATE"], {"System": fields["SYSTEM"], "Prompt": prompt}) == expected
+
+
+def test_finetune_with_tracking_is_an_mlflow_run_with_the_loss_curve(exported):
+    manifest = exported["version"].manifest
+    client, runs = runs_of(exported["store"], "fmt")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED" and run.info.run_name == "v1"
+    assert run.data.params["max_steps"] == "4" and run.data.params["lora_r"] == "16"
+    assert run.data.params["base"] == "smollm2-135m-instruct" and run.data.params["system"] == llm_task.SYSTEM
+    for side in ("before", "after"):
+        for metric in ("eval_loss", "exact_match", "rouge_l"):
+            assert run.data.metrics[f"{side}_{metric}"] == pytest.approx(manifest["metrics"][side][metric])
+    loss = client.get_metric_history(run.info.run_id, "loss")
+    assert [m.step for m in loss] == [1, 2, 3, 4]
+    assert [m.value for m in loss] == pytest.approx([value for _, value in manifest["history"]["loss"]])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [4]
+    assert {"manifest.json", "eval.parquet", "loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert run.data.tags["nbcustom.data_sha256"] == manifest["data"]["sha256"] and run.data.tags["nbcustom.kind"] == "llm"
