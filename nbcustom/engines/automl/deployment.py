@@ -48,9 +48,9 @@ def export(version, folder: Path, spec) -> list[str]:
     loader = "TimeSeriesPredictor" if task == "timeseries" else "TabularPredictor"
     stored, exported = size_mib(source), size_mib(folder)
     return [
-        f"{loader} with {model}" + (" refit on all rows" if spec.refit else "") + f": {folder}",
+        f"{loader} with {model}" + (" refit on all rows" if spec.refit else ""),
         f"size: {exported:.1f} MiB (the version's predictor: {stored:.1f} MiB)",
-        f"load it with {loader}.load({str(folder)!r})",
+        f"load it with {loader}.load({spec.to!r})",
     ]
 
 

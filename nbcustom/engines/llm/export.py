@@ -29,8 +29,8 @@ def merged(version, folder: Path, spec) -> list[str]:
     with models.quiet():
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
-    return [f"merged model (safetensors, {model.dtype}) + tokenizer and chat template: {folder}",
-            f"load it with AutoModelForCausalLM.from_pretrained({str(folder)!r})"]
+    return [f"merged model (safetensors, {str(model.dtype).removeprefix('torch.')}) with the tokenizer and its chat template",
+            f"load it with AutoModelForCausalLM.from_pretrained({spec.to!r})"]
 
 
 def gguf(version, folder: Path, spec) -> list[str]:
@@ -54,8 +54,8 @@ def ollama(version, folder: Path, spec) -> list[str]:
         f"```bash\nollama create {version.name} -f Modelfile\nollama run {version.name}\n```\n\n"
         f"`{path.name}` holds the weights ({spec.quant}); `Modelfile` the chat template, the stop token and the system message.\n"
     )
-    return [f"{path.name} ({spec.quant}, {path.stat().st_size / 2**20:.1f} MiB) + Modelfile in {folder}",
-            f"ollama create {version.name} -f {folder / 'Modelfile'}"]
+    return [f"{path.name} ({spec.quant}, {path.stat().st_size / 2**20:.1f} MiB) + Modelfile",
+            f"ollama create {version.name} -f {Path(spec.to) / 'Modelfile'}"]
 
 
 def gguf_name(version, quant: str) -> str:

@@ -42,5 +42,5 @@ def export(version, folder: Path, spec) -> list[str]:
     pq.write_table(table, path)
     return [
         f"{path.name}: {table.num_rows} chunks of {len(rows)} rows with {info.get('dim')}-d vectors from {info.get('embed_model')}, {path.stat().st_size / 2**20:.1f} MiB",
-        f"the embedding model and chunking options are in the file's key-value metadata 'nbcustom': {folder}",
+        "the embedding model and chunking options are in the file's key-value metadata 'nbcustom'",
     ]
