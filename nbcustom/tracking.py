@@ -110,7 +110,7 @@ def params(manifest: dict) -> dict[str, str]:
 
 
 def metrics(manifest: dict) -> list[tuple[str, float, int]]:
-    """(key, value, step): ``before_*`` / ``after_*`` and counts at step 0, and each
+    """(key, value, step): ``before_*`` / ``after_*`` and ``count_*`` (rows read, trained, ...) at step 0, and each
     curve in the manifest's ``history`` (e.g. ``loss``, ``eval_loss``) step by step."""
     out = []
     for side in ("before", "after"):
@@ -119,7 +119,7 @@ def metrics(manifest: dict) -> list[tuple[str, float, int]]:
                 out.append((_key(f"{side}_{key}"), float(value), 0))
     for key, value in (manifest.get("counts") or {}).items():
         if _number(value):
-            out.append((_key(f"rows_{key}"), float(value), 0))
+            out.append((_key(f"count_{key}"), float(value), 0))
     for key, points in (manifest.get("history") or {}).items():
         out.extend((_key(key), float(value), int(step)) for step, value in points if _number(value))
     return out

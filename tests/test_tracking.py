@@ -91,5 +91,5 @@ def test_metric_keys_and_params_from_a_manifest():
     assert tracking.params(manifest) == {"top_k": "4", "text": "fact", "base": "smollm2-135m-instruct"}
     assert tracking.metrics(manifest) == [
         ("before_answer_f1", 0.1, 0), ("after_answer_f1", 0.5, 0), ("after_hit_rate_4", 1.0, 0),
-        ("rows_read", 30.0, 0), ("loss", 2.5, 1), ("loss", 1.5, 2),
+        ("count_read", 30.0, 0), ("loss", 2.5, 1), ("loss", 1.5, 2),
     ]
