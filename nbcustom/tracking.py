@@ -56,6 +56,8 @@ def log_version(version, store_root: Path, evaluation: bool = False) -> str | No
     if mode() != "mlflow":
         return None
     try:
+        import mlflow  # noqa: F401  (importing it configures its loggers: quieten them after)
+
         with _quiet(), _patient():
             return _log(version, Path(store_root), evaluation)
     except Exception as e:  # the version is committed: tracking must not undo the cell
