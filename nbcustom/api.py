@@ -6,20 +6,22 @@ magic -> api -> data (rows) -> engine (train, evaluate; reports to a display) ->
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import functools
 import os
+import shutil
 import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data, promotion, settings
+from . import data as _data, promotion, settings, tracking
 from .display import Summary, make_display
-from .engines import Outcome, engine
+from .engines import EXPORTS, Outcome, engine, exporter
 from .errors import NbCustomError
 from .hashing import frame_sha256
-from .specs import FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
-from .store import Store, Version, check_name
+from .specs import ExportSpec, FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
+from .store import Store, Version, check_name, parse_ref
 
 LIBRARIES = {
     "llm": ("torch", "transformers", "peft"),
@@ -168,6 +170,7 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
         display.fail(e)
         raise
     display.finish(_summary(f"%%rag {name} --eval  (v{current.version})", outcome, {"questions": len(rows)}))
+    tracking.log_version(updated, store.root, evaluation=True)
     return updated
 
 
@@ -271,7 +274,9 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
     if warning:
         outcome.notes.insert(0, warning)
     display.finish(_summary(f"%%{magic} {name} -> v{build.version}", outcome, facts))
-    return Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
+    committed = Version(name, build.version, store.root / name / f"v{build.version}", build.manifest)
+    tracking.log_version(committed, store.root)
+    return committed
 
 
 def _write_outcome(folder, outcome: Outcome) -> None:
@@ -306,3 +311,47 @@ def libraries(kind: str) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return versions
+
+
+def export(name: str, *, version: int | None = None, store=None, **options) -> list[str]:
+    """Write version ``name`` (``NAME`` or ``NAME@V``; default the active version) in
+    ``format`` into ``to``, a new or empty folder outside the store; returns what was written.
+
+    The version's checksums are verified first. The export is written into a hidden
+    folder beside ``to`` and renamed into place, so a failed export leaves nothing.
+    """
+    name, at = parse_ref(name)
+    spec = ExportSpec.from_options(**options)
+    store = _store(store)
+    current = store.get(name, version or at)
+    kind, write = exporter(spec.format)
+    if current.kind != kind:
+        fits = ", ".join(f for f, (k, _) in EXPORTS.items() if k == current.kind)
+        raise NbCustomError(f"--format {spec.format} is for {kind} models and {name} is {current.kind}: use --format {fits}")
+    target = _export_folder(spec.to, store)
+    made = [p for p in [target.parent, *target.parent.parents] if not p.exists()]
+    staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    try:
+        lines = write(current, staging, spec)
+        if target.exists():
+            target.rmdir()
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:  # parents this export created
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    return [f"{name}@{current.version} -> {spec.format}: {target}", *lines]
+
+
+def _export_folder(to: str, store: Store):
+    from pathlib import Path
+
+    target = Path(to).expanduser().absolute()
+    if target == store.root or store.root in target.parents:
+        raise NbCustomError(f"--to {to} is inside the store {store.root}: export to a folder outside it")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise NbCustomError(f"--to {to} already exists and is not empty: choose a new folder or empty it")
+    return target

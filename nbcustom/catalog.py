@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import shlex
 
 from .display.render import Summary, metric_rows
@@ -10,7 +11,7 @@ from .store import Store, parse_ref, parse_version
 
 USAGE = (
     "use: list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | "
-    "compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | jobs | job NAME --every 10m ..."
+    "compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs | job NAME --every 10m ..."
 )
 
 
@@ -25,7 +26,8 @@ def command(store: Store, line: str):
         raise NbCustomError(f"unknown %nbc command {verb!r}: {USAGE}")
     arity = handler.__code__.co_argcount - 1
     optional = len(handler.__defaults__ or ())
-    if not arity - optional <= len(args) <= arity:
+    most = len(args) if handler.__code__.co_flags & inspect.CO_VARARGS else arity
+    if not arity - optional <= len(args) <= most:
         raise NbCustomError(f"%nbc {verb}: wrong number of arguments; {USAGE}")
     return handler(store, *args)
 
@@ -113,6 +115,16 @@ def runs(store: Store, name: str | None = None):
     return pd.DataFrame(store.runs(name))
 
 
+def export(store: Store, ref: str, *options: str) -> str:
+    """export NAME[@V] --format merged|gguf|ollama|deployment|parquet --to DIR [--quant f16|q8_0] [--refit]"""
+    from . import api, flags
+    from .specs import ExportSpec
+
+    args = flags.parse(flags.parser("nbc export", ExportSpec, positionals=()), shlex.join(options))
+    args.pop("con", None)
+    return "\n".join(api.export(ref, store=store, **args))
+
+
 _COMMANDS = {
     "list": list_models,
     "show": show,
@@ -121,4 +133,5 @@ _COMMANDS = {
     "rm": remove,
     "compare": compare,
     "runs": runs,
+    "export": export,
 }

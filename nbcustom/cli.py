@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 from . import __version__, api, catalog
@@ -20,6 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     for verb in ("list", "show", "versions", "activate", "rm", "compare", "runs"):
         sp = sub.add_parser(verb, help=f"%%nbc {verb}")  # argparse %-formats help: %% is a literal %
         sp.add_argument("args", nargs="*")
+    sp = sub.add_parser("export", help="%%nbc export NAME[@V] --format F --to DIR: a version in a format other tools load")
+    sp.add_argument("args", nargs=argparse.REMAINDER)
     sp = sub.add_parser("predict", help="predict with NAME on the rows of a SQL query")
     sp.add_argument("name")
     sp.add_argument("sql", help="a DuckDB query (read_csv('x.csv') works)")
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args, store)
         if args.command == "drift":
             return _drift(args, store)
-        result = catalog.command(store, " ".join([args.command, *args.args]))
+        result = catalog.command(store, shlex.join([args.command, *args.args]))
     except NbCustomError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,6 +39,7 @@ class NbCustom(Magics):
         help="torchrun command line that starts %%finetune's workers on several machines, e.g. "
         "'torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400'",
     ).tag(config=True)
+    tracking = Enum(("none", "mlflow"), os.environ.get("NBCUSTOM_TRACKING", "none"), help="log every new version as an MLflow run").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -123,7 +124,7 @@ class NbCustom(Magics):
     @line_magic
     def nbc(self, line: str):
         """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
-        compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | jobs |
+        compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs |
         job NAME --every 10m [--track COL] [--min-rows N] [--promote if-better] [--cron] | job NAME --stop"""
         from . import catalog
 

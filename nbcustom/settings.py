@@ -17,6 +17,7 @@ ENVIRONMENT = {
     "ui": ("NBCUSTOM_UI", "auto"),
     "vector_store": ("NBCUSTOM_VECTOR_STORE", ""),
     "launcher": ("NBCUSTOM_LAUNCHER", ""),
+    "tracking": ("NBCUSTOM_TRACKING", "none"),
 }
 
 _kernel = None  # the loaded NbCustom magics; their traitlets hold the kernel's settings

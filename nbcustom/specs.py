@@ -190,3 +190,21 @@ class PredictSpec(Spec):
     def validate(self) -> None:
         super().validate()
         self._positive("version", "max_new_tokens", "top_k")
+
+
+@dataclass
+class ExportSpec(Spec):
+    """``%nbc export``: a version written in a format other tools load."""
+
+    format: str | None = option(None, "merged, gguf or ollama (LLM); deployment (AutoML); parquet (RAG)",
+                                choices=("merged", "gguf", "ollama", "deployment", "parquet"))
+    to: str | None = option(None, "folder to write (new or empty; never inside the store)")
+    quant: str = option("q8_0", "GGUF weights: f16 or q8_0", choices=("f16", "q8_0"))
+    refit: bool = option(False, "AutoML: refit the best model on all rows first (refit_full)", type=bool)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.format:
+            raise NbCustomError("--format is required: merged, gguf or ollama (LLM), deployment (AutoML), parquet (RAG)")
+        if not self.to:
+            raise NbCustomError("--to DIR is required: the folder to write the export into")

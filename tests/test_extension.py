@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "autogluon", "peft", "llama_index")
+HEAVY = ("torch", "transformers", "autogluon", "peft", "llama_index", "mlflow")
 
 
 def test_load_ext_imports_nothing_heavy_and_is_fast():

@@ -11,6 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("llm", "automl", "rag")
+# export format -> (the model kind it is for, its writer "module:function" in this package);
+# a writer takes (version, empty folder, ExportSpec) and returns lines saying what it wrote
+EXPORTS = {
+    "merged": ("llm", "llm.export:merged"),
+    "gguf": ("llm", "llm.export:gguf"),
+    "ollama": ("llm", "llm.export:ollama"),
+    "deployment": ("automl", "automl.deployment:export"),
+    "parquet": ("rag", "rag.parquet:export"),
+}
 
 
 @dataclass
@@ -43,3 +52,10 @@ def release(version) -> None:
     free = getattr(engine(version.kind), "release", None)
     if free is not None:
         free(version)
+
+
+def exporter(format: str) -> tuple[str, Any]:
+    """(model kind, writer) of an export format."""
+    kind, target = EXPORTS[format]
+    module, function = target.split(":")
+    return kind, getattr(importlib.import_module(f"nbcustom.engines.{module}"), function)

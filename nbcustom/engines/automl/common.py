@@ -123,5 +123,13 @@ def quiet():
         logging.disable(disabled)
 
 
+def val_scores(predictor, leaderboard) -> list[list]:
+    """[[n, validation score]] of the fitted models in the order they were fitted: the
+    run's curve (as the progress display showed it), kept in the manifest for tracking."""
+    scores = leaderboard.set_index("model")["score_val"]
+    fitted = [m for m in predictor.model_names() if m in scores.index and scores[m] == scores[m]]
+    return [[n, round(float(scores[m]), 6)] for n, m in enumerate(fitted, 1)]
+
+
 def rounded(metrics: dict, digits: int = 6) -> dict:
     return {k: round(float(v), digits) for k, v in metrics.items() if v is not None and v == v}

@@ -7,7 +7,7 @@ import time
 from ...errors import NbCustomError
 from .. import Outcome
 from . import drift as _drift
-from .common import MIN_HOLDOUT, MIN_TRAIN, accumulate, in_holdout, previous_rows, quiet, require_columns, rounded
+from .common import MIN_HOLDOUT, MIN_TRAIN, accumulate, in_holdout, previous_rows, quiet, require_columns, rounded, val_scores
 
 PREDICTOR = "predictor"  # folder inside the version's model/
 CLASSIFICATION_METRICS = ("accuracy", "balanced_accuracy", "f1", "roc_auc", "log_loss")
@@ -141,6 +141,7 @@ def _outcome(predictor, holdout, data, counts, previous, display, fit_seconds, k
         "fit_seconds": round(fit_seconds, 2),
         "feature_importance": importance,
         "feature_importance_model": importance_model,
+        "history": {"val_score": val_scores(predictor, leaderboard)},
     }
     if reused:
         info["reused"] = reused

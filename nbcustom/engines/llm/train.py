@@ -115,6 +115,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
                 "batch_size": batch_size, "device": device, "dtype": dtype, **run,
             },
+            "history": {"loss": history, "eval_loss": evals},  # the curves, for tracking
         },
         before_label=f"v{previous.version}" if previous else "base",
     )
