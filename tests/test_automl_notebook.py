@@ -31,9 +31,9 @@ def test_notebook_with_retrain_predict_and_versions_runs_headless(tmp_path, monk
 
     outputs = [cell.outputs for cell in nb.cells]
     assert not [o for cell in outputs for o in cell if o.output_type == "error"]
-    for cell, label in ((2, "baseline"), (3, "v1")):
+    for cell, before, after in ((2, "baseline", "v1"), (3, "v1", "v2")):
         html = " ".join(o.data.get("text/html", "") for o in outputs[cell] if o.output_type == "display_data")
-        assert label in html and "new version" in html and "accuracy" in html and "leaderboard" in html
+        assert before in html and after in html and "accuracy" in html and "leaderboard" in html
         assert any("image/png" in o.get("data", {}) for o in outputs[cell])
         # no AutoGluon log lines in the cell
         assert not [o for o in outputs[cell] if o.output_type == "stream"]

@@ -41,7 +41,7 @@ def test_notebook_with_rag_ask_eval_and_predict_runs_headless(tmp_path):
     assert "QX-4471" in answers["text/plain"]
 
     evaluated = " ".join(o.data.get("text/html", "") for o in outputs[4] if "data" in o)
-    assert "LLM alone" in evaluated and "with retrieval (top 3)" in evaluated
+    assert "LLM alone" in evaluated and "with retrieval (top 3, hybrid)" in evaluated
     assert "answer_contains" in evaluated and "hit_rate@3" in evaluated and "mrr" in evaluated
     assert "image/png" in mime_types(outputs[4])
 
