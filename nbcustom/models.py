@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import logging
 import os
 import shutil
 import socket
 import uuid
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 from .errors import NbCustomError
+from .logs import quiet_loggers
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 DEFAULT_EMBED = "all-minilm-l6-v2"
@@ -110,17 +109,10 @@ def quiet() -> Iterator[None]:
     hf_logging.disable_progress_bar()
     hub.disable_progress_bars()  # downloads from the hub
     hf_logging.set_verbosity_error()
-    loggers = [logging.getLogger(n) for n in ("sentence_transformers", "llama_index", "httpx")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_loggers("sentence_transformers", "llama_index", "httpx"):
             yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
         hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()

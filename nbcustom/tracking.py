@@ -16,14 +16,13 @@ warning line. MLflow is imported only when a run is logged.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import re
 import sys
-import warnings
 from pathlib import Path
 
 from . import settings
+from .logs import quiet_loggers
 
 MODES = ("none", "mlflow")
 # MLflow retries an unreachable server for minutes by default; tracking gives up sooner
@@ -144,17 +143,6 @@ def _patient():
             os.environ.pop(k, None)
 
 
-@contextlib.contextmanager
 def _quiet():
     """MLflow's and its database migrations' info logs stay out of the cell."""
-    loggers = [logging.getLogger(n) for n in ("mlflow", "alembic", "urllib3")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+    return quiet_loggers("mlflow", "alembic", "urllib3")
