@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 from traitlets import Enum, Unicode, default, observe
@@ -30,16 +28,16 @@ class NbCustom(Magics):
     """Customize AI models on the notebook's DuckDB tables: ``%%finetune``, ``%%retrain``,
     ``%%rag``, ``%%predict`` and ``%nbc``."""
 
-    store = Unicode(os.environ.get("NBCUSTOM_STORE", "nbcustom_store"), help="artifact store folder").tag(config=True)
+    store = Unicode(settings.environment("store"), help="artifact store folder").tag(config=True)
     database = Unicode(":memory:", help="DuckDB database file (default: in-memory)").tag(config=True)
-    ui = Enum(("auto", "widgets", "static", "text", "none"), os.environ.get("NBCUSTOM_UI", "auto"), help="how runs are shown").tag(config=True)
+    ui = Enum(("auto", "widgets", "static", "text", "none"), settings.environment("ui"), help="how runs are shown").tag(config=True)
     vector_store = Unicode(help="where %%rag keeps vectors: duckdb or postgresql://USER@HOST:PORT/DB").tag(config=True)
     launcher = Unicode(
-        os.environ.get("NBCUSTOM_LAUNCHER", ""),
+        settings.environment("launcher"),
         help="torchrun command line that starts %%finetune's workers on several machines, e.g. "
         "'torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400'",
     ).tag(config=True)
-    tracking = Enum(("none", "mlflow"), os.environ.get("NBCUSTOM_TRACKING", "none"), help="log every new version as an MLflow run").tag(config=True)
+    tracking = Enum(("none", "mlflow"), settings.environment("tracking"), help="log every new version as an MLflow run").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -52,7 +50,7 @@ class NbCustom(Magics):
 
     @default("vector_store")
     def _vector_store_default(self) -> str:
-        return self._without_password(os.environ.get("NBCUSTOM_VECTOR_STORE", ""))
+        return self._without_password(settings.environment("vector_store"))
 
     @observe("vector_store")
     def _vector_store_changed(self, change) -> None:

@@ -32,8 +32,11 @@ def use(source) -> None:
 def get(name: str):
     """The setting ``name``: the kernel's where the extension is loaded, else the environment's."""
     value = getattr(_kernel, name) if _kernel is not None else None
-    if value:
-        return value
+    return value or environment(name)
+
+
+def environment(name: str) -> str:
+    """The setting ``name`` from its environment variable, else its default."""
     variable, default = ENVIRONMENT[name]
     return os.environ.get(variable, default)
 
