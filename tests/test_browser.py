@@ -122,8 +122,10 @@ def test_each_result_shows_once_in_jupyterlab_and_the_saved_notebook_keeps_it(la
         page.locator(".lm-MenuBar-itemLabel", has_text="Run").first.click()
         page.locator(".lm-Menu-itemLabel", has_text="Run All Cells").first.click()
         try:
-            # The live panel: an ipywidgets progress bar rendered by the widget manager.
-            page.wait_for_selector(".jp-OutputArea-output .widget-hprogress .progress-bar", timeout=600_000)
+            # The live panel: an ipywidgets progress bar rendered by the widget manager. Its
+            # track, not the filled part: a bar at 0 (AutoGluon's runs have no step total) has
+            # zero width, and Playwright counts a zero-size element as hidden.
+            page.wait_for_selector(".jp-OutputArea-output .widget-hprogress", timeout=600_000)
             page.wait_for_function("document.querySelectorAll('.jp-OutputArea-output .nbc-summary').length >= 3", timeout=900_000)
             page.get_by_text("Python 3 (ipykernel) | Idle").wait_for(timeout=600_000)
         except Exception:
