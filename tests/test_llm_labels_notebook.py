@@ -13,7 +13,7 @@ from notebooks import mime_types, outputs_of, run_notebook
 CELLS = [
     "%load_ext nbcustom",
     "import sys; sys.path.insert(0, {tests!r})\nimport label_task\ntickets = label_task.rows(300)\nfresh = label_task.rows(40, seed=9)",
-    '%%finetune router --max-steps 12 --lr 2e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
+    '%%finetune router --max-steps 8 --eval-every 4 --lr 3e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
     "%%predict router --into predicted\nSELECT prompt FROM fresh",
     "import duckdb\nprint(duckdb.sql('SELECT prediction, confidence FROM predicted').df().to_json(orient='records'))",
 ]
@@ -27,7 +27,7 @@ def test_label_task_in_a_saved_notebook(tmp_path):
     from nbcustom import Store
 
     tests = str(Path(__file__).parent)
-    nb = run_notebook([c.format(tests=tests, system=label_task.SYSTEM) for c in CELLS], tmp_path / "store", ui="static")
+    nb = run_notebook([c.format(tests=tests, system=label_task.SYSTEM) for c in CELLS], tmp_path / "store", ui="static", timeout=3600)
     errors = [o for cell in nb.cells for o in cell.outputs if o.output_type == "error"]
     assert not errors, errors
 

@@ -23,9 +23,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, labels as llm_labels, pack as llm_pack
-from . import early_stop
-from .early_stop import Watch
+from . import data as llm_data, early_stop, labels as llm_labels, pack as llm_pack
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -64,7 +62,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         side = "training" if not train_set else "holdout"
         raise NbCustomError(f"no {side} example is within --max-length {spec.max_length} tokens; raise --max-length or add rows")
     previous_labels = previous.manifest.get("llm", {}).get("labels") if previous else None
-    labels, task_reason = llm_labels.choose(spec.task, rows[spec.response].astype(str).tolist(), train_at, held_at, tokenizer, spec.response, previous_labels)
+    responses = rows[spec.response].astype(str).tolist()
+    labels, task_reason = llm_labels.choose(spec.task, responses, train_at, held_at, tokenizer, spec.response, previous_labels)
 
     display.phase("loading model")
     model, tokenizer = models.load_llm(path, device, dtype)
@@ -80,7 +79,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             checkpoint.clear()
             before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before", labels)
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
-        watch = Watch(spec, labels is not None, state)
+        watch = early_stop.Watch(spec, labels is not None, state)
         fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
         with fast:
             run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, watch)
@@ -110,7 +109,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}{compiled}")
     label_info, tables = {}, {}
     if labels:
-        label_info, tables, charts["confusion"] = llm_labels.report(labels, state["before_texts"], after_texts, [e.response for e in held_set], before_label=f"v{previous.version}" if previous else "base")
+        references = [e.response for e in held_set]
+        label_info, tables, charts["confusion"] = llm_labels.report(labels, state["before_texts"], after_texts, references, f"v{previous.version}" if previous else "base")
     return Outcome(
         before=state["before"], after=after,
         counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},
