@@ -86,14 +86,14 @@ class FinetuneSpec(Spec):
     time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
     task: str = option("auto", "LLM: labels (answer one of the response column's values), text, or auto (labels when it has few short values)", choices=("auto", "text", "labels"))
     eval_every: int | None = option(None, "LLM: holdout loss every N steps (default: about ten times per run, at least once per epoch)", type=int)
-    patience: int | None = option(None, "LLM: stop after K evaluations without improvement; 0 never stops early (default: 0 for text, 2 for labels)", type=int)
+    patience: int = option(0, "LLM: stop after K evaluations without an improvement of the holdout loss (0: never stop early)", type=int)
     keep: str = option("best", "LLM: save the adapter of the best holdout loss (best) or of the last step (last)", choices=("best", "last"))
 
     def validate(self) -> None:
         super().validate()
         self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "eval_every")
         self._fraction("eval_frac")
-        if self.patience is not None and self.patience < 0:
+        if self.patience < 0:
             raise NbCustomError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
 
 

@@ -84,8 +84,8 @@ def test_bad_options_are_one_line(ip, options, message):
 # --- evaluation schedule and patience (no model) ------------------------------------------
 
 
-def _watch(labelled=False, **options):
-    return Watch(FinetuneSpec.from_options(**options), labelled, {"step": 0})
+def _watch(**options):
+    return Watch(FinetuneSpec.from_options(**options), {"step": 0})
 
 
 def test_default_evaluations_are_about_ten_per_run_and_at_least_one_per_epoch():
@@ -100,7 +100,7 @@ def test_default_evaluations_are_about_ten_per_run_and_at_least_one_per_epoch():
 
 
 def test_patience_counts_evaluations_without_improvement():
-    assert _watch().patience == 0 and _watch(labelled=True).patience == 2 and _watch(labelled=True, patience=0).patience == 0
+    assert _watch().patience == 0  # off unless asked for
     watch = _watch(patience=2, keep="last")
     stops = [watch.record(None, step, loss) for step, loss in enumerate([3.0, 2.0, 2.5, 1.9995, 2.1], 1)]
     # 1.9995 is better than 2.0, so it is the best, but by less than MIN_DELTA: still stale

@@ -79,7 +79,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             checkpoint.clear()
             before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before", labels)
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
-        watch = early_stop.Watch(spec, labels is not None, state)
+        watch = early_stop.Watch(spec, state)
         fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
         with fast:
             run = _train_loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, watch)
