@@ -13,7 +13,7 @@ from notebooks import mime_types, outputs_of, run_notebook
 CELLS = [
     "%load_ext nbcustom",
     "import sys; sys.path.insert(0, {tests!r})\nimport label_task\ntickets = label_task.rows(300)\nfresh = label_task.rows(40, seed=9)",
-    '%%finetune router --max-steps 8 --eval-every 4 --lr 3e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
+    '%%finetune router --max-steps 30 --eval-every 10 --lr 5e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
     "%%predict router --into predicted\nSELECT prompt FROM fresh",
     "import duckdb\nprint(duckdb.sql('SELECT prediction, confidence FROM predicted').df().to_json(orient='records'))",
 ]
