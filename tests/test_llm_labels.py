@@ -187,16 +187,14 @@ def test_keep_last_saves_the_last_step_and_runs_every_step(ip, store_dir):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_best_adapter_found_before_the_interruption(ip, store_dir, monkeypatch):
-    """Labels unrelated to the text: the holdout loss falls while the model learns which
-    labels exist, then rises as it memorizes the training rows (here: best at step 7, worse
-    at step 8). The run is interrupted at its last step, so the best adapter can only come
-    back from the checkpoint."""
-    import random
+def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
+    """The run is interrupted at its last step: the checkpoint holds the best evaluation and
+    its adapter, and the resumed run keeps the best over all evaluations, before and after."""
+    import torch
 
-    frame = label_task.rows(40)
-    frame["response"] = [random.Random(i).choice(label_task.LABELS) for i in range(len(frame))]
-    ip.user_ns["noisy"] = frame
+    from nbcustom.engines.llm.train import Checkpoint
+
+    frame = ip.user_ns["tickets"] = label_task.rows(40)
     options = f"{TICKETS} --lr 5e-3 --max-steps 8 --eval-every 1"
     real_step = TextDisplay.step
 
@@ -209,11 +207,19 @@ def test_resume_keeps_the_best_adapter_found_before_the_interruption(ip, store_d
     interrupting.done = False
     monkeypatch.setattr(TextDisplay, "step", interrupting)
     with pytest.raises(KeyboardInterrupt):
-        ip.run_cell_magic("finetune", f"noisy {options}", "SELECT * FROM noisy")
-    ip.run_cell_magic("finetune", f"noisy {options} --resume", "SELECT * FROM noisy")
-    version = Store(store_dir).get("noisy")
+        ip.run_cell_magic("finetune", f"tickets {options}", "SELECT * FROM tickets")
+    folder = Checkpoint(store_dir, "tickets", "").folder
+    import json
+
+    saved = json.loads((folder / "state.json").read_text())
+    best = torch.load(folder / "state.pt", weights_only=False)["best"]
+    assert saved["best"]["step"] <= 7 and saved["best"]["eval_loss"] == min(loss for _, loss in saved["eval_history"])
+    assert best and all(t.device.type == "cpu" for t in best.values())
+
+    ip.run_cell_magic("finetune", f"tickets {options} --resume", "SELECT * FROM tickets")
+    version = Store(store_dir).get("tickets")
     run = version.manifest["llm"]
     evals = dict(map(tuple, run["evaluations"]))
     assert run["resumed_from"] == 7 and run["steps"] == 8 and sorted(evals) == list(range(1, 9))
-    assert run["best_step"] <= 7 and evals[8] > run["best_eval_loss"] == min(evals.values())  # found before the interruption
+    assert run["best_eval_loss"] == min(evals.values()) == evals[run["best_step"]]
     assert _holdout_loss(version, frame) == pytest.approx(run["best_eval_loss"], rel=1e-5)
