@@ -6,11 +6,11 @@ from __future__ import annotations
 import random
 
 KEYWORDS = {
-    "atlas": ["invoice", "refund", "charge", "payment", "bill"],
-    "boreal": ["parcel", "delivery", "courier", "shipment", "package"],
-    "cedar": ["password", "login", "username", "sign-in", "account"],
-    "delta": ["crash", "error", "bug", "freeze", "glitch"],
-    "ember": ["feature", "suggestion", "idea", "wish", "proposal"],
+    "atlas": ["invoice", "refund"],
+    "boreal": ["parcel", "courier"],
+    "cedar": ["password", "login"],
+    "delta": ["crash", "bug"],
+    "ember": ["feature", "idea"],
 }
 LABELS = sorted(KEYWORDS)
 TEMPLATES = [
