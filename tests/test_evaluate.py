@@ -37,6 +37,49 @@ def test_rouge_l_uses_longest_common_subsequence():
     assert rouge_l("", "x") == 0.0
 
 
+def test_rouge_l_counts_articles_and_repeats_as_the_reference_does():
+    # SQuAD normalization would drop the articles and score both 1.0
+    assert rouge_l("The cat sat on the mat.", "A cat sat on a mat") == pytest.approx(2 / 3)
+    assert rouge_l("the the the", "the") == pytest.approx(0.5)
+    assert exact_match("The cat sat on the mat.", "cat sat on mat") == 1.0  # SQuAD normalization kept
+
+
+def _varied_pairs(n: int) -> list[tuple[str, str]]:
+    """Predictions and references with case, punctuation, articles, repeats, numbers,
+    reordering, dropped and extra words, and empty texts."""
+    import random
+
+    words = "the a an cat dog sat on mat red blue mug 12 dollars Onyx | $ price, colour! it's x-ray e.g. naïve".split()
+    rng = random.Random(13)
+    pairs = [("", ""), ("", "red mug"), ("red mug", ""), ("...", "!!!")]
+    while len(pairs) < n:
+        ref = [rng.choice(words) for _ in range(rng.randint(1, 14))]
+        pred = list(ref)
+        for _ in range(rng.randint(0, 5)):
+            edit = rng.random()
+            if edit < 0.3 and pred:
+                pred.pop(rng.randrange(len(pred)))
+            elif edit < 0.6:
+                pred.insert(rng.randint(0, len(pred)), rng.choice(words))
+            elif pred:
+                i, j = rng.randrange(len(pred)), rng.randrange(len(pred))
+                pred[i], pred[j] = pred[j], pred[i]
+        upper = rng.random() < 0.3
+        pairs.append((" ".join(pred).upper() if upper else " ".join(pred), " ".join(ref)))
+    return pairs
+
+
+def test_rouge_l_equals_rouge_score_on_varied_pairs():
+    from rouge_score import rouge_scorer
+
+    reference = rouge_scorer.RougeScorer(["rougeL"])
+    pairs = _varied_pairs(80)
+    scores = [rouge_l(p, r) for p, r in pairs]
+    assert len(set(scores)) > 20  # varied: not all 0 or 1
+    for (pred, ref), ours in zip(pairs, scores):
+        assert abs(ours - reference.score(ref, pred)["rougeL"].fmeasure) <= 1e-9, (pred, ref)
+
+
 def test_contains_matches_whole_words():
     assert contains("It costs 12 dollars.", "12 dollars") == 1.0
     assert contains("It costs 125 dollars.", "12 dollars") == 0.0

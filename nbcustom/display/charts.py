@@ -94,3 +94,24 @@ def forecast_chart(history_x, history_y, actual_x, actual_y, series: Mapping[str
     ax.grid(alpha=0.3)
     fig.autofmt_xdate()
     return _png(fig)
+
+
+def confusion_chart(labels: Sequence[str], matrices: Mapping[str, Sequence[Sequence[int]]]) -> bytes:
+    """Confusion matrices side by side (title -> rows = reference, columns = prediction), counts in the cells."""
+    size = max(2.4, 0.45 * len(labels) + 1.2)
+    fig = _figure(size * len(matrices) + 0.5, size + 0.6)
+    for i, (title, matrix) in enumerate(matrices.items(), 1):
+        ax = fig.add_subplot(1, len(matrices), i)
+        ax.imshow(matrix, cmap="Blues")
+        peak = max(max(row) for row in matrix) or 1
+        for r, row in enumerate(matrix):
+            for c, count in enumerate(row):
+                if count:
+                    ax.text(c, r, str(count), ha="center", va="center", fontsize=8, color="white" if count > peak / 2 else "black")
+        ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(labels)), labels if i == 1 else [], fontsize=8)
+        ax.set_xlabel("prediction")
+        if i == 1:
+            ax.set_ylabel("reference")
+        ax.set_title(title)
+    return _png(fig)

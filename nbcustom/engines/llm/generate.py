@@ -12,7 +12,7 @@ import contextlib
 from typing import Callable, Iterator
 
 from ...evaluate import generation_scores, perplexity
-from . import data as llm_data, pack as llm_pack
+from . import data as llm_data, labels as llm_labels, pack as llm_pack
 
 GENERATE_BATCH = 16
 LOSS_BATCH = 8
@@ -114,12 +114,17 @@ def mean_loss(model, examples: list[llm_data.Example], pad_id: int) -> float:
     return total / max(count, 1)
 
 
-def score(model, tokenizer, examples: list[llm_data.Example], max_new_tokens: int, display, label: str) -> tuple[dict, list[str]]:
-    """Before/after metrics of ``model`` on held-out ``examples`` and its generations."""
+def score(model, tokenizer, examples: list[llm_data.Example], max_new_tokens: int, display, label: str, labels: list[str] | None = None) -> tuple[dict, list[str]]:
+    """Before/after metrics of ``model`` on held-out ``examples`` and its answers: greedy
+    generations, or with ``labels`` the best label of each (``llm.labels``)."""
     display.phase(f"evaluating {label}")
     loss = mean_loss(model, examples, tokenizer.pad_token_id)
     prompts = [e.ids[: e.prompt_length] for e in examples]
+    references = [e.response for e in examples]
+    if labels:
+        texts, _ = llm_labels.classify(model, tokenizer, prompts, labels)
+        return {**llm_labels.metrics(texts, references, labels)[0], "eval_loss": loss}, texts
     texts = generate(model, tokenizer, prompts, max_new_tokens, lambda i, n: display.step(i, n))
     metrics = {"eval_loss": loss, "perplexity": perplexity(loss)}
-    metrics.update(generation_scores(texts, [e.response for e in examples]))
+    metrics.update(generation_scores(texts, references))
     return metrics, texts

@@ -1,12 +1,14 @@
 """A committed LLM version ready to use: ``load(version)`` gives a ``Generator`` for
-``%%predict``, ``nbcustom.load`` and exports."""
+``%%predict``, ``nbcustom.load`` and exports. A label model's ``predict`` answers only
+its labels, with a confidence."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from ... import models
-from . import data as llm_data
+from ...errors import NbCustomError
+from . import data as llm_data, labels as llm_labels
 from .generate import adapted, generate
 from .train import device_for
 
@@ -17,13 +19,15 @@ def load(version) -> "Generator":
 
 
 class Generator:
-    """A fine-tuned LLM version: ``generate(prompts)``, ``predict(rows)``, ``merged()``."""
+    """A fine-tuned LLM version: ``generate(prompts)``, ``classify(prompts)`` (label
+    models), ``predict(rows)``, ``merged()``."""
 
     def __init__(self, version):
         self.version = version
         info = version.manifest.get("llm", {})
         self.prompt_column = info.get("prompt", "prompt")
         self.system = info.get("system")
+        self.labels = info.get("labels")  # None: a free-text model
         self.max_new_tokens = version.manifest.get("options", {}).get("max_new_tokens", 64)
         self.adapter_dir = version.model_dir
 
@@ -38,21 +42,35 @@ class Generator:
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
         """Greedy completions of ``prompts`` (chat template with the version's system message)."""
+        return self._run(prompts, system, lambda model, tokenizer, ids: generate(model, tokenizer, ids, max_new_tokens or self.max_new_tokens))
+
+    def classify(self, prompts: list[str], system: str | list | None = None) -> tuple[list[str], list[float]]:
+        """A label model's best label for each prompt and its confidence (softmax over the labels' scores)."""
+        if not self.labels:
+            raise NbCustomError(f"{self.version.name}@{self.version.version} answers free text, not labels: use generate()")
+        return self._run(prompts, system, lambda model, tokenizer, ids: llm_labels.classify(model, tokenizer, ids, self.labels))
+
+    def _run(self, prompts, system, answer):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         systems = system if isinstance(system, list) else [system or self.system] * len(prompts)
         with models.quiet():
             model, tokenizer = self._base()
             ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
             with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
-                return generate(peft_model, tokenizer, ids, max_new_tokens or self.max_new_tokens)
+                return answer(peft_model, tokenizer, ids)
 
     def predict(self, rows, max_new_tokens: int | None = None):
-        """``rows`` with a ``prediction`` column generated from the prompt column."""
+        """``rows`` with a ``prediction`` column from the prompt column: a generation, or
+        for a label model the best label and its ``confidence``."""
         column = self.prompt_column if self.prompt_column in rows.columns else "prompt"
         llm_data.check_rows(rows, column, None)
         systems = llm_data.systems(rows, self.system)
+        prompts = rows[column].astype(str).tolist()
         out = rows.copy()
-        out["prediction"] = self.generate(rows[column].astype(str).tolist(), max_new_tokens, systems)
+        if self.labels:
+            out["prediction"], out["confidence"] = self.classify(prompts, systems)
+        else:
+            out["prediction"] = self.generate(prompts, max_new_tokens, systems)
         return out
 
     def merged(self):

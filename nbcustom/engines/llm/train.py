@@ -23,7 +23,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, launch, pack as llm_pack
+from . import data as llm_data, early_stop, labels as llm_labels, launch, pack as llm_pack
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -61,6 +61,9 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     if not train_set or not held_set:
         side = "training" if not train_set else "holdout"
         raise NbCustomError(f"no {side} example is within --max-length {spec.max_length} tokens; raise --max-length or add rows")
+    previous_labels = previous.manifest.get("llm", {}).get("labels") if previous else None
+    responses = rows[spec.response].astype(str).tolist()
+    labels, task_reason = llm_labels.choose(spec.task, responses, train_at, held_at, tokenizer, spec.response, previous_labels)
 
     display.phase("loading model")
     model, tokenizer = models.load_llm(path, device, dtype)
@@ -74,13 +77,13 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         state = checkpoint.load() if spec.resume else None
         if state is None:
             checkpoint.clear()
-            before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before")
+            before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before", labels)
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
         fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
         with fast:
             loop = launch.train if launch.distributed(spec) else _train_loop  # torchrun workers, or here
             run = loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
-        after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after")
+        after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after", labels)
         display.phase("saving")
         peft_model.save_pretrained(build.model_dir)
         tokenizer.save_pretrained(build.model_dir)
@@ -100,22 +103,29 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         notes.append(f"{dropped} example(s) longer than --max-length {spec.max_length} tokens were dropped")
     if run["resumed_from"]:
         notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
+    notes.append(f"task: {task_reason}")
+    notes.extend(early_stop.notes(run))
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
     where = f"{run['world_size']} {device} workers" if "world_size" in run else device
     notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {where}{compiled}")
+    label_info, tables = {}, {}
+    if labels:
+        references = [e.response for e in held_set]
+        label_info, tables, charts["confusion"] = llm_labels.report(labels, state["before_texts"], after_texts, references, f"v{previous.version}" if previous else "base")
     return Outcome(
         before=state["before"], after=after,
         counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},
         train_rows=rows.iloc[[e.row for e in train_set]].reset_index(drop=True),
-        examples=examples, charts=charts, notes=notes,
+        examples=examples, charts=charts, notes=notes, tables=tables,
         info={
             "base": {"name": base or models.DEFAULT_LLM, "path": str(path), "id": model.config.name_or_path},
             "llm": {
-                "prompt": spec.prompt, "response": spec.response, "system": system,
+                "prompt": spec.prompt, "response": spec.response, "system": system, "task": "labels" if labels else "text", "labels": labels,
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
                 "batch_size": batch_size, "device": device, "dtype": dtype, **run,
             },
             "history": {"loss": history, "eval_loss": evals},  # the curves, for tracking
+            **label_info,
         },
         before_label=f"v{previous.version}" if previous else "base",
     )
@@ -123,8 +133,10 @@ def _train(spec, rows, previous, build, display) -> Outcome:
 
 def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, backward=llm_pack.backward) -> dict:
     """AdamW with linear warmup and decay, one packed batch per step; updates
-    ``state`` (step, losses, tokens) and checkpoints it as it goes. ``backward`` computes
-    a step's gradient (torchrun workers pass one that averages it across them)."""
+    ``state`` (step, losses, tokens) and checkpoints it as it goes. Holdout evaluations
+    decide when to stop (``early_stop.Watch``); on return the model holds the adapter to
+    keep. ``backward`` computes a step's gradient (torchrun workers pass one that averages
+    it across them)."""
     import torch
 
     total = len(steps)
@@ -134,12 +146,14 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
+    watch = early_stop.Watch(spec, state)
     resumed_from = state["step"]
     if resumed_from:
-        checkpoint.restore(model, optimizer, scheduler)
+        watch.weights = checkpoint.restore(model, optimizer, scheduler)
         display.log(f"resumed from the checkpoint at step {resumed_from} of {total}")
     per_epoch = math.ceil(len(train_set) / min(spec.batch_size or DEFAULT_BATCH, len(train_set)))
     every = max(1, total // CHECKPOINTS)
+    watch.plan(total, per_epoch)
     device = next(model.parameters()).device
     display.phase("training")
     started = time.monotonic()
@@ -163,19 +177,21 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
         state["step"], state["tokens"] = done, state["tokens"] + tokens
         state["history"].append((done, loss))
         display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
-        if done % per_epoch == 0 or done == total:
+        if watch.due(done, total):
             eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
             state["eval_history"].append((done, eval_loss))
             display.step(done, eval_loss=eval_loss)
-            display.log(f"epoch {math.ceil(done / per_epoch)}: eval_loss {eval_loss:.4f}")
+            display.log(f"step {done} (epoch {math.ceil(done / per_epoch)}): eval_loss {eval_loss:.4f}")
+            if watch.record(model, done, eval_loss):
+                break
         if done < total and (done % every == 0 or done % per_epoch == 0):
             state["seconds"] += time.monotonic() - started
             started = time.monotonic()
-            checkpoint.save(model, optimizer, scheduler, state)
+            checkpoint.save(model, optimizer, scheduler, state, best=watch.weights)
     state["seconds"] += time.monotonic() - started
     return {
-        "steps": total, "resumed_from": resumed_from, "train_seconds": round(state["seconds"], 2),
-        "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0,
+        "steps": state["step"], "planned_steps": total, "resumed_from": resumed_from, "train_seconds": round(state["seconds"], 2),
+        "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0, **watch.finish(model),
     }
 
 
@@ -189,14 +205,15 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self._tensors = None
 
-    def save(self, model, optimizer, scheduler, state: dict) -> None:
+    def save(self, model, optimizer, scheduler, state: dict, best: dict | None = None) -> None:
+        """Save the run; ``best``: the best adapter so far (``--keep best``)."""
         import torch
         from peft import get_peft_model_state_dict
 
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {
             "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
+            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "best": best,
         }
         staging = self.folder / "state.pt.tmp"
         torch.save(tensors, staging)
@@ -214,7 +231,8 @@ class Checkpoint:
             return None
         return state
 
-    def restore(self, model, optimizer, scheduler) -> None:
+    def restore(self, model, optimizer, scheduler) -> dict | None:
+        """Load the saved run into the model, optimizer and scheduler; the best adapter saved with it."""
         import torch
         from peft import set_peft_model_state_dict
 
@@ -223,6 +241,7 @@ class Checkpoint:
         optimizer.load_state_dict(tensors["optimizer"])
         scheduler.load_state_dict(tensors["scheduler"])
         torch.set_rng_state(tensors["rng"])
+        return tensors.get("best")
 
     def clear(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

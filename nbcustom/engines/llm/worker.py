@@ -122,7 +122,7 @@ def main(folder: Path) -> None:
 class _Restoring(Checkpoint):
     """The checkpoint as ranks other than 0 see it: they restore from it, rank 0 saves."""
 
-    def save(self, *args) -> None:
+    def save(self, *args, **kwargs) -> None:
         pass
 
 

@@ -1,0 +1,70 @@
+"""Early stopping on a label task: wall time and held-out accuracy of the default
+``%%finetune`` (``--keep best``, no early stop) and of ``--patience 2`` against the same run
+with ``--keep last --patience 0`` (every planned step, the last adapter: the behaviour
+before evaluation during training), in one run. Whether ``--patience 2`` saves time at no
+loss of accuracy decides whether label tasks should get it by default.
+
+    .venv/bin/python tests/benchmarks/bench_finetune_labels.py [--rows 200] [--epochs 2]
+
+The data is tests/label_task.py's ticket set (five teams, learnable from keywords). Both
+runs use the same split, seed and options, in this process, after one warm-up load of the
+model, so none pays for loading it. Wall time is the whole ``nbcustom.finetune`` call
+(before/after scoring, evaluations during training, saving).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import label_task  # noqa: E402
+
+
+def run(frame, store: str, **options) -> dict:
+    import nbcustom
+
+    started = time.monotonic()
+    version = nbcustom.finetune("tickets", frame, store=store, ui="none", system=label_task.SYSTEM, device="cpu", **options)
+    seconds = time.monotonic() - started
+    m = version.manifest
+    return {
+        "seconds": seconds, "accuracy": m["metrics"]["after"]["accuracy"], "before": m["metrics"]["before"]["accuracy"],
+        "macro_f1": m["metrics"]["after"]["macro_f1"], "steps": m["llm"]["steps"], "planned": m["llm"]["planned_steps"],
+        "best_step": m["llm"]["best_step"], "kept_step": m["llm"]["kept_step"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=200)
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    args = parser.parse_args()
+
+    from nbcustom import models
+
+    models.load_llm(models.resolve_llm(None), "cpu", "float32")  # warm-up: no run pays for the load
+    frame = label_task.rows(args.rows)
+    common = {"epochs": args.epochs, "lr": args.lr, "eval_frac": 0.1}
+    print(f"label set: {args.rows} tickets, 5 labels; epochs {args.epochs}, lr {args.lr}, holdout 10%; CPU, torch threads shared with other jobs")
+    results = {}
+    variants = (("default (--keep best)", {}), ("--patience 2", {"patience": 2}), ("--keep last --patience 0", {"keep": "last", "patience": 0}))
+    for name, options in variants:
+        with tempfile.TemporaryDirectory() as store:
+            r = results[name] = run(frame, store, **common, **options)
+        print(f"{name:34s} {r['seconds']:7.1f} s  accuracy {r['accuracy']:.3f} (before {r['before']:.3f})  macro-F1 {r['macro_f1']:.3f}  "
+              f"steps {r['steps']}/{r['planned']}  best at {r['best_step']}, kept {r['kept_step']}")
+    full = results["--keep last --patience 0"]
+    for name in ("default (--keep best)", "--patience 2"):
+        r = results[name]
+        print(f"{name}: saved {full['seconds'] - r['seconds']:.1f} s ({1 - r['seconds'] / full['seconds']:.0%}) against --keep last --patience 0; "
+              f"accuracy {r['accuracy']:.3f} vs {full['accuracy']:.3f}: {'not less accurate' if r['accuracy'] >= full['accuracy'] else 'LESS ACCURATE'}")
+
+
+if __name__ == "__main__":
+    main()
