@@ -96,7 +96,7 @@ class FinetuneSpec(Spec):
     time_limit: int | None = option(None, "AutoML update: seconds (default: the previous version's)", type=int)
     task: str = option("auto", "LLM: labels (answer one of the response column's values), text, or auto (labels when it has few short values)", choices=("auto", "text", "labels"))
     eval_every: int | None = option(None, "LLM: holdout loss every N steps (default: about ten times per run, at least once per epoch)", type=int)
-    patience: int = option(0, "LLM: stop after K evaluations without an improvement of the holdout loss (0: never stop early)", type=int)
+    patience: int | None = option(None, "LLM: stop after K evaluations without an improvement of the holdout loss (0: never; default: 2 for labels, 0 for text)", type=int)
     keep: str = option("best", "LLM: save the adapter of the best holdout loss (best) or of the last step (last)", choices=("best", "last"))
     promote: str = promote_option()
 
@@ -104,7 +104,7 @@ class FinetuneSpec(Spec):
         super().validate()
         self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices", "eval_every")
         self._fraction("eval_frac")
-        if self.patience < 0:
+        if self.patience is not None and self.patience < 0:
             raise NbCustomError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
 
 

@@ -11,6 +11,9 @@ from __future__ import annotations
 import math
 
 EVALUATIONS = 10  # evaluations per run by default
+# --patience by default: label tasks stop early (tests/benchmarks/bench_finetune_labels.py:
+# as accurate, less time); free text never does (its loss is no proxy for its metrics)
+PATIENCE = {"labels": 2, "text": 0}
 MIN_DELTA = 1e-3  # a holdout loss this much below the best resets the patience count
 
 
@@ -21,8 +24,6 @@ class Watch:
 
     def __init__(self, spec, state: dict):
         self.eval_every = spec.eval_every
-        # off by default, for label tasks too: not yet measured to help there
-        # (tests/benchmarks/bench_finetune_labels.py)
         self.patience = spec.patience or 0
         self.keep = spec.keep
         self.state = state

@@ -12,6 +12,7 @@ the store as it was and ``--resume`` continues from the last one.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -64,6 +65,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     previous_labels = previous.manifest.get("llm", {}).get("labels") if previous else None
     responses = rows[spec.response].astype(str).tolist()
     labels, task_reason = llm_labels.choose(spec.task, responses, train_at, held_at, tokenizer, spec.response, previous_labels)
+    if spec.patience is None:
+        spec = dataclasses.replace(spec, patience=early_stop.PATIENCE["labels" if labels else "text"])
 
     display.phase("loading model")
     model, tokenizer = models.load_llm(path, device, dtype)
