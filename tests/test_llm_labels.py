@@ -195,7 +195,7 @@ def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
     from nbcustom.engines.llm.train import Checkpoint
 
     frame = ip.user_ns["tickets"] = label_task.rows(40)
-    options = f"{TICKETS} --lr 5e-3 --max-steps 8 --eval-every 1"
+    options = f"{TICKETS} --lr 5e-3 --max-steps 8 --eval-every 1 --patience 0"
     real_step = TextDisplay.step
 
     def interrupting(self, step, total=None, **metrics):

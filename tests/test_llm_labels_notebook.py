@@ -13,7 +13,7 @@ from notebooks import mime_types, outputs_of, run_notebook
 CELLS = [
     "%load_ext nbcustom",
     "import sys; sys.path.insert(0, {tests!r})\nimport label_task\ntickets = label_task.rows(300)\nfresh = label_task.rows(40, seed=9)",
-    '%%finetune router --max-steps 30 --eval-every 10 --lr 5e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
+    '%%finetune router --max-steps 30 --eval-every 10 --lr 1e-3 --eval-frac 0.1 --system "{system}"\nSELECT * FROM tickets',
     "%%predict router --into predicted\nSELECT prompt FROM fresh",
     "import duckdb\nprint(duckdb.sql('SELECT prediction, confidence FROM predicted').df().to_json(orient='records'))",
 ]
@@ -34,6 +34,7 @@ def test_label_task_in_a_saved_notebook(tmp_path):
     version = Store(tmp_path / "store").get("router")
     manifest = version.manifest
     assert manifest["llm"]["task"] == "labels" and manifest["llm"]["labels"] == label_task.LABELS
+    assert manifest["llm"]["patience"] == 2  # a label task stops early by default
     before, after = manifest["metrics"]["before"], manifest["metrics"]["after"]
     assert set(after) == {"accuracy", "macro_f1", "eval_loss"}
     assert after["accuracy"] >= 0.9 and after["accuracy"] > before["accuracy"] and after["macro_f1"] > before["macro_f1"]
