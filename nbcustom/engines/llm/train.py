@@ -23,7 +23,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, pack as llm_pack
+from . import data as llm_data, pack as llm_pack, precision as llm_precision
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -46,7 +46,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     llm_data.check_rows(rows, spec.prompt, spec.response)
     base = _base_name(spec, previous)
     path = models.resolve_llm(base)
-    device, dtype = device_for(spec.device)
+    run_on = device_for(spec.device, spec.precision)
+    device, dtype = run_on.device, run_on.weights
     # a continued run keeps the previous version's system message unless given a new one
     system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
     tokenizer = _tokenizer(path)
@@ -70,7 +71,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
     steps = llm_data.schedule(len(train_set), batch_size, spec.epochs, spec.max_steps, spec.seed)
 
-    with adapted(model, **source) as peft_model:
+    with adapted(model, **source) as peft_model, run_on.autocast():
         state = checkpoint.load() if spec.resume else None
         if state is None:
             checkpoint.clear()
@@ -100,7 +101,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     if run["resumed_from"]:
         notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
-    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}{compiled}")
+    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {device}{compiled} in {run_on.name} ({run_on.why})")
     return Outcome(
         before=state["before"], after=after,
         counts={"trained": len(train_set), "held_out": len(held_set), "dropped_too_long": dropped, "steps": run["steps"], "train_tokens": state["tokens"]},
@@ -111,7 +112,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             "llm": {
                 "prompt": spec.prompt, "response": spec.response, "system": system,
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
-                "batch_size": batch_size, "device": device, "dtype": dtype, **run,
+                "batch_size": batch_size, "device": device, "dtype": dtype, "precision": {"name": run_on.name, "compute": run_on.compute, "why": run_on.why}, **run,
             },
         },
         before_label=f"v{previous.version}" if previous else "base",
@@ -243,15 +244,13 @@ def _base_name(spec, previous) -> str | None:
     return was.get("name")
 
 
-def device_for(choice: str) -> tuple[str, str]:
-    """(device, dtype): CUDA with bf16 when present (or asked for), else CPU float32."""
+def device_for(choice: str, precision: str = "auto") -> llm_precision.Precision:
+    """The device (CUDA when present or asked for, else CPU) and the precision of a run there."""
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
         raise NbCustomError("--device cuda: no CUDA GPU is visible to this kernel; use --device cpu")
-    if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "cpu", "float32"
+    return llm_precision.choose("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu", precision)
 
 
 _TOKENIZERS: dict[str, object] = {}
