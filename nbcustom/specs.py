@@ -87,6 +87,7 @@ class FinetuneSpec(Spec):
     eval_frac: float = option(0.1, "fraction of rows held out for before/after", type=float)
     seed: int = option(0, "seed for the split and training", type=int)
     device: str = option("auto", "auto, cpu or cuda", choices=("auto", "cpu", "cuda"))
+    precision: str = option("auto", "auto, fp32 or bf16 (auto: bf16 on a GPU and on CPUs with AMX or AVX512-BF16)", choices=("auto", "fp32", "bf16"))
     from_version: int | None = option(None, "continue from this version instead of the active one", type=int, flag="from")
     resume: bool = option(False, "resume an interrupted run from its last checkpoint", type=bool)
     compile: bool = option(False, "LLM on a GPU: compile the layers and use flex attention (pays off on long runs)", type=bool)

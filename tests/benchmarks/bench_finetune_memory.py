@@ -65,7 +65,7 @@ def main() -> None:
         if out.returncode:
             raise SystemExit(f"{which} failed:\n{out.stderr[-3000:]}")
         peaks[which] = json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_gb"]
-    print(f"{args.steps} steps of 8 ragged examples (20-400 tokens), --max-length 512, float32 CPU, SmolLM2-135M-Instruct")
+    print(f"{args.steps} steps of 8 ragged examples (20-400 tokens), --max-length 512, CPU, %%finetune --precision auto (Trainer float32), SmolLM2-135M-Instruct")
     print(f"peak RSS: %%finetune {peaks['nbcustom']:.2f} GB | Trainer + peft script {peaks['trainer']:.2f} GB")
     ok = peaks["nbcustom"] < LIMIT_GB
     print(f"%%finetune peak RSS under {LIMIT_GB:.0f} GB: {'PASS' if ok else 'FAIL'}")

@@ -30,6 +30,8 @@ class Generator:
         self.labels = info.get("labels")  # None: a free-text model
         self.max_new_tokens = version.manifest.get("options", {}).get("max_new_tokens", 64)
         self.adapter_dir = version.model_dir
+        # the precision it was trained and evaluated in (versions made before --precision: fp32 on CPU)
+        self.precision = version.manifest.get("options", {}).get("precision") or ("auto" if info.get("device") == "cuda" else "fp32")
 
     def __repr__(self) -> str:
         return f"Generator({self.version.name}@{self.version.version})"
@@ -37,8 +39,8 @@ class Generator:
     def _base(self):
         base = self.version.manifest.get("base", {})
         path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
-        device, dtype = device_for("auto")
-        return models.load_llm(path, device, dtype)
+        run_on = device_for("auto", self.precision)
+        return models.load_llm(path, run_on.device, run_on.weights)
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
         """Greedy completions of ``prompts`` (chat template with the version's system message)."""
@@ -56,7 +58,7 @@ class Generator:
         with models.quiet():
             model, tokenizer = self._base()
             ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-            with adapted(model, adapter_dir=self.adapter_dir) as peft_model:
+            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, device_for("auto", self.precision).autocast():
                 return answer(peft_model, tokenizer, ids)
 
     def predict(self, rows, max_new_tokens: int | None = None):

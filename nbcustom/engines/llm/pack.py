@@ -100,9 +100,11 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
     # no cache: with one, transformers would not read the position ids as packed sequences
     inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device), "use_cache": False}
     # half-precision base weights: compute in that precision, float32 adapter weights included
-    # (otherwise peft casts every adapter's input and output to float32)
-    half = AUTOCAST and device.type == "cuda" and head.weight.dtype in (torch.bfloat16, torch.float16)
-    with torch.autocast(device.type, dtype=head.weight.dtype, enabled=half), _adapter_casts_off(model, half):
+    # (otherwise peft casts every adapter's input and output to float32); float32 weights
+    # under the caller's autocast (CPU bf16) take the same path
+    half = AUTOCAST and head.weight.dtype in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(device.type, dtype=head.weight.dtype) if half else contextlib.nullcontext()
+    with autocast, _adapter_casts_off(model, half or torch.is_autocast_enabled(device.type)):
         if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
             logits = model(**inputs).logits
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep].float(), labels), len(labels)

@@ -24,7 +24,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, early_stop, labels as llm_labels, launch, pack as llm_pack
+from . import data as llm_data, early_stop, labels as llm_labels, launch, pack as llm_pack, precision as llm_precision
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -47,7 +47,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     llm_data.check_rows(rows, spec.prompt, spec.response)
     base = _base_name(spec, previous)
     path = models.resolve_llm(base)
-    device, dtype = device_for(spec.device)
+    run_on = device_for(spec.device, spec.precision)
+    device, dtype = run_on.device, run_on.weights
     # a continued run keeps the previous version's system message unless given a new one
     system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
     tokenizer = _tokenizer(path)
@@ -76,7 +77,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
     steps = llm_data.schedule(len(train_set), batch_size, spec.epochs, spec.max_steps, spec.seed)
 
-    with adapted(model, **source) as peft_model:
+    with adapted(model, **source) as peft_model, run_on.autocast():
         state = checkpoint.load() if spec.resume else None
         if state is None:
             checkpoint.clear()
@@ -110,7 +111,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     notes.extend(early_stop.notes(run))
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
     where = f"{run['world_size']} {device} workers" if "world_size" in run else device
-    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {where}{compiled}")
+    notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {where}{compiled} in {run_on.name} ({run_on.why})")
     label_info, tables = {}, {}
     if labels:
         references = [e.response for e in held_set]
@@ -125,7 +126,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             "llm": {
                 "prompt": spec.prompt, "response": spec.response, "system": system, "task": "labels" if labels else "text", "labels": labels,
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
-                "batch_size": batch_size, "device": device, "dtype": dtype, **run,
+                "batch_size": batch_size, "device": device, "dtype": dtype, "precision": {"name": run_on.name, "compute": run_on.compute, "why": run_on.why}, **run,
             },
             "history": {"loss": history, "eval_loss": evals},  # the curves, for tracking
             **label_info,
@@ -269,15 +270,13 @@ def _base_name(spec, previous) -> str | None:
     return was.get("name")
 
 
-def device_for(choice: str) -> tuple[str, str]:
-    """(device, dtype): CUDA with bf16 when present (or asked for), else CPU float32."""
+def device_for(choice: str, precision: str = "auto") -> llm_precision.Precision:
+    """The device (CUDA when present or asked for, else CPU) and the precision of a run there."""
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
         raise NbCustomError("--device cuda: no CUDA GPU is visible to this kernel; use --device cpu")
-    if choice in ("auto", "cuda") and torch.cuda.is_available():
-        return "cuda", "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "cpu", "float32"
+    return llm_precision.choose("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu", precision)
 
 
 _TOKENIZERS: dict[str, object] = {}

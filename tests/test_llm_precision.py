@@ -1,0 +1,54 @@
+"""``--precision auto|fp32|bf16``: which precision a run picks and why, and that a bf16 run
+on CPU learns what the float32 run learns (tests/test_llm_pack.py compares one step)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import llm_task
+from nbcustom.engines.llm import precision
+
+OPTIONS = {"max_steps": 4, "lr": 2e-3, "eval_frac": 0.2, "max_new_tokens": 12, "system": llm_task.SYSTEM, "ui": "none"}
+
+
+def test_auto_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively():
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    native = bool(capabilities.get("amx_bf16") or capabilities.get("avx512_bf16") or capabilities.get("bf16"))
+    auto = precision.choose("cpu", "auto")
+    assert auto.name == ("bf16" if native else "fp32") and auto.weights == "float32"
+    assert any(flag in auto.why for flag in precision.cpu_bf16_flags()) if native else "no native bf16" in auto.why
+    forced = precision.choose("cpu", "fp32")
+    assert (forced.name, forced.compute) == ("fp32", "float32") and "--precision fp32" in forced.why
+    assert forced.autocast().__class__.__name__ == "nullcontext"
+    assert precision.choose("cpu", "bf16").autocast().fast_dtype == torch.bfloat16
+
+
+def test_bad_precision_is_one_line_and_leaves_the_store_unchanged(ip, store_dir):
+    from conftest import snapshot
+    from nbcustom.errors import NbCustomError
+
+    ip.user_ns["fmt_rows"] = llm_task.rows(12)
+    before = snapshot(store_dir)
+    with pytest.raises(NbCustomError, match="--precision must be one of auto, fp32, bf16") as error:
+        ip.run_cell_magic("finetune", "fmt --precision fp16", "SELECT * FROM fmt_rows")
+    assert "\n" not in str(error.value) and snapshot(store_dir) == before
+
+
+@pytest.mark.slow
+def test_bf16_run_learns_what_the_fp32_run_learns(tmp_path):
+    import nbcustom
+
+    rows = llm_task.rows(40)
+    runs = {p: nbcustom.finetune("fmt", rows, store=tmp_path / p, precision=p, **OPTIONS) for p in ("fp32", "bf16")}
+    manifests = {p: json.loads((v.path / "manifest.json").read_text()) for p, v in runs.items()}
+    fp32, bf16 = (manifests[p]["metrics"] for p in ("fp32", "bf16"))
+    assert fp32["after"]["exact_match"] >= fp32["before"]["exact_match"] + 0.5  # --precision fp32 learns as before
+    assert abs(bf16["after"]["exact_match"] - fp32["after"]["exact_match"]) <= 0.05
+    assert abs(bf16["after"]["eval_loss"] - fp32["after"]["eval_loss"]) < 0.1 * fp32["after"]["eval_loss"]
+    for p, manifest in manifests.items():
+        assert manifest["options"]["precision"] == p and manifest["llm"]["precision"]["name"] == p
+        assert f"--precision {p}" in manifest["llm"]["precision"]["why"]
