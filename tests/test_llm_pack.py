@@ -172,7 +172,7 @@ def test_bf16_step_gives_the_fp32_loss_and_lora_gradients_within_bf16_rounding()
         fp32 = llm_pack.backward(peft_model, batch, max_tokens=512).item()
         fp32_grads = [p.grad.clone() for p in params]
         peft_model.zero_grad(set_to_none=True)
-        with precision.choose("cpu", "bf16").autocast():
+        with precision.choose("cpu", "bf16").computing(peft_model):
             bf16 = llm_pack.backward(peft_model, batch, max_tokens=512).item()
         bf16_grads = [p.grad.clone() for p in params]
     assert all(p.dtype == torch.float32 for p in params)  # adapters (and their gradients) stay float32

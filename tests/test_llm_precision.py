@@ -23,8 +23,27 @@ def test_auto_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively():
     assert any(flag in auto.why for flag in precision.cpu_bf16_flags()) if native else "no native bf16" in auto.why
     forced = precision.choose("cpu", "fp32")
     assert (forced.name, forced.compute) == ("fp32", "float32") and "--precision fp32" in forced.why
-    assert forced.autocast().__class__.__name__ == "nullcontext"
-    assert precision.choose("cpu", "bf16").autocast().fast_dtype == torch.bfloat16
+
+
+def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_was():
+    import torch
+
+    from nbcustom import models
+    from nbcustom.engines.llm.generate import adapted, lora_config
+
+    model, _ = models.load_llm(models.resolve_llm(None))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    weight = q_proj.weight
+    with adapted(model, config=lora_config(model, 8, 16)) as peft_model:
+        with precision.choose("cpu", "fp32").computing(peft_model):
+            assert not torch.is_autocast_enabled("cpu") and q_proj.weight is weight
+        with precision.choose("cpu", "bf16").computing(peft_model):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+            assert base.base_layer.weight.dtype == torch.bfloat16 and base.lora_A["default"].weight.dtype == torch.float32
+            assert model.config._attn_implementation == "nbcustom_sdpa_float32"
+        assert not torch.is_autocast_enabled("cpu") and model.config._attn_implementation == "sdpa"
+    assert q_proj.weight is weight and weight.dtype == torch.float32
 
 
 def test_bad_precision_is_one_line_and_leaves_the_store_unchanged(ip, store_dir):

@@ -1,13 +1,19 @@
 """The arithmetic precision of a fine-tuning run: ``--precision auto|fp32|bf16``.
 
 On a GPU the base model is loaded in bfloat16 (float16 where bf16 is missing). On a CPU the
-base model stays float32 in memory and the run computes under ``torch.autocast`` in
-bfloat16 when the processor multiplies bf16 natively (AMX or AVX512-BF16: oneDNN's kernels
-make a linear layer several times faster than in float32); elsewhere bf16 would only be
-emulated, so ``auto`` keeps float32 there. Autocast on float32 weights, rather than bf16
-weights, keeps the residual stream, the norms and the embeddings in float32: its loss stays
-within bf16 rounding of the float32 loss, and one cached base model serves both precisions.
-LoRA weights and the optimizer state are float32 in every case.
+base model stays float32 in memory and a bf16 run computes under ``torch.autocast`` when the
+processor multiplies bf16 natively (AMX or AVX512-BF16: oneDNN's kernels make a linear
+layer several times faster than in float32); elsewhere bf16 would only be emulated, so
+``auto`` keeps float32 there. Autocast on float32 weights, rather than a bf16 model, keeps
+the residual stream, the norms and the embeddings in float32: the loss stays within bf16
+rounding of the float32 loss, and one cached base model serves both precisions. LoRA
+weights and the optimizer state are float32 in every case.
+
+While a CPU bf16 run computes (``Precision.computing``), two things measured to cost time
+are changed and undone afterwards: the frozen weights of the adapted linear layers are
+bf16 copies, cast once rather than at every product, and attention runs in float32 (the
+CPU's bf16 attention backward is slower than float32 at fine-tuning lengths).
+tests/benchmarks/bench_finetune_cpu.py measures the whole.
 """
 
 from __future__ import annotations
@@ -33,14 +39,34 @@ class Precision:
     def name(self) -> str:
         return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.compute]
 
-    def autocast(self):
-        """Autocast to the compute dtype where the weights are float32 (CPU bf16); else nothing.
-        No cast cache: it would keep the LoRA weights' bf16 copies from before each update."""
+    @contextlib.contextmanager
+    def computing(self, model):
+        """``model`` (a PEFT model or a transformers model) computing in this precision until
+        the block ends: on a CPU in bf16, autocast, bf16 copies of the adapted layers' frozen
+        weights and float32 attention; elsewhere nothing changes. No autocast cast cache: it
+        would keep the LoRA weights' bf16 copies from before each update."""
+        if self.compute == self.weights:
+            yield model
+            return
         import torch
 
-        if self.compute == self.weights:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device, dtype=getattr(torch, self.compute), cache_enabled=False)
+        dtype = getattr(torch, self.compute)
+        causal = model.get_base_model() if hasattr(model, "get_base_model") else model
+        frozen = [m.get_base_layer() for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "lora_A")]
+        kept = [(layer, layer.weight) for layer in frozen if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad]
+        attention = causal.config._attn_implementation
+        for layer, weight in kept:
+            layer.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        if attention == "sdpa":
+            causal.set_attn_implementation(_float32_sdpa())
+        try:
+            with torch.autocast(self.device, dtype=dtype, cache_enabled=False):
+                yield model
+        finally:
+            for layer, weight in kept:
+                layer.weight = weight
+            if attention == "sdpa":
+                causal.set_attn_implementation(attention)
 
 
 def choose(device: str, asked: str = "auto") -> Precision:
@@ -72,3 +98,21 @@ def cpu_bf16_flags() -> tuple[str, ...]:
 
     capabilities = torch.cpu.get_capabilities()
     return tuple(flag for flag in NATIVE_BF16 if capabilities.get(flag)) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
+
+
+@functools.cache
+def _float32_sdpa() -> str:
+    """The name of transformers' sdpa attention run in float32 (with autocast off), registered once."""
+    import torch
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        with torch.autocast(query.device.type, enabled=False):
+            out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return out.to(query.dtype), weights
+
+    AttentionInterface.register("nbcustom_sdpa_float32", attention)
+    AttentionMaskInterface.register("nbcustom_sdpa_float32", sdpa_mask)
+    return "nbcustom_sdpa_float32"

@@ -77,7 +77,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
     steps = llm_data.schedule(len(train_set), batch_size, spec.epochs, spec.max_steps, spec.seed)
 
-    with adapted(model, **source) as peft_model, run_on.autocast():
+    with adapted(model, **source) as peft_model, run_on.computing(peft_model):
         state = checkpoint.load() if spec.resume else None
         if state is None:
             checkpoint.clear()

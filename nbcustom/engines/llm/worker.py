@@ -88,6 +88,7 @@ def main(folder: Path) -> None:
     import torch.distributed as dist
 
     from .generate import adapted
+    from . import precision
     from .pack import accelerated
 
     job = json.loads((folder / "job.json").read_text())
@@ -107,7 +108,7 @@ def main(folder: Path) -> None:
         with adapted(model, adapter_dir=folder / "start", trainable=True) as peft_model:
             display = Progress(folder / "progress.jsonl" if rank == 0 else None)
             fast = accelerated(peft_model, "flex_attention" if device.startswith("cuda") else None) if spec.compile else contextlib.nullcontext()
-            with fast:
+            with fast, precision.choose(device.split(":")[0], spec.precision).computing(peft_model):
                 run = _train_loop(peft_model, tokenizer, train_set, held_set, job["steps"], spec, job["state"], checkpoint, display,
                                   backward=averaged_backward(rank, world))
             if rank == 0:
