@@ -61,9 +61,11 @@ def rouge_l(pred: str | None, ref: str | None) -> float:
 
 @functools.cache
 def _rouge_scorer():
-    from rouge_score import rouge_scorer
+    from rouge_score import rouge_scorer, tokenizers
 
-    return rouge_scorer.RougeScorer(["rougeL"])
+    # its tokenizer given, not defaulted: the default is announced through absl, whose first
+    # log call puts a stderr handler on the root logger (every library's debug lines in a cell)
+    return rouge_scorer.RougeScorer(["rougeL"], tokenizer=tokenizers.DefaultTokenizer(use_stemmer=False))
 
 
 def recall(retrieved: Sequence[str], relevant: Sequence[str]) -> float:

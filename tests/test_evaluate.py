@@ -108,3 +108,15 @@ def test_recall_and_ndcg_of_a_ranking():
     # both relevant, second one at rank 3: (1 + 1/log2(4)) / (1 + 1/log2(3))
     assert ndcg(["x", "a", "y", "b"][1:], ["a", "b"]) == pytest.approx((1 + 0.5) / (1 + 1 / math.log2(3)))
     assert ndcg(["a"], ["z"]) == 0.0
+
+
+def test_rouge_l_leaves_the_root_logger_without_handlers():
+    """rouge-score's default tokenizer is announced through absl, whose first log call runs
+    ``logging.basicConfig()``: in a kernel every library's debug lines (bm25s) then reach the
+    cell's stderr. A fresh process, because pytest gives the root logger handlers."""
+    import subprocess
+    import sys
+
+    code = "import logging; from nbcustom.evaluate import rouge_l; rouge_l('a b', 'a c'); print(len(logging.root.handlers))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "0", out.stderr

@@ -205,6 +205,7 @@ def test_finetune_with_tracking_is_an_mlflow_run_with_the_loss_curve(exported):
     loss = client.get_metric_history(run.info.run_id, "loss")
     assert [m.step for m in loss] == [1, 2, 3, 4]
     assert [m.value for m in loss] == pytest.approx([value for _, value in manifest["history"]["loss"]])
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval_loss")] == [4]
+    evaluations = client.get_metric_history(run.info.run_id, "eval_loss")  # every holdout evaluation during training
+    assert [(m.step, m.value) for m in evaluations] == [tuple(e) for e in manifest["history"]["eval_loss"]] and len(evaluations) == 4
     assert {"manifest.json", "eval.parquet", "loss.png"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     assert run.data.tags["nbcustom.data_sha256"] == manifest["data"]["sha256"] and run.data.tags["nbcustom.kind"] == "llm"
