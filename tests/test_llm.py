@@ -151,7 +151,10 @@ def test_finetune_learns_the_house_format(tuned):
     assert set(after) == {"eval_loss", "perplexity", "exact_match", "token_f1", "rouge_l"}
     assert manifest["counts"]["held_out"] == 8 and manifest["counts"]["trained"] == 32
     assert manifest["base"]["name"] == "smollm2-135m-instruct" and Path(manifest["base"]["path"]).is_dir()
-    assert manifest["llm"]["tokens_per_s"] > 0
+    run = manifest["llm"]
+    # the throughput is the training steps': the holdout evaluations between them are timed apart
+    assert run["tokens_per_s"] == pytest.approx(manifest["counts"]["train_tokens"] / run["train_seconds"], rel=0.01)
+    assert len(run["evaluations"]) >= 1 and run["eval_seconds"] > 0
 
 
 @pytest.mark.slow

@@ -42,8 +42,44 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
             base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
             assert base.base_layer.weight.dtype == torch.bfloat16 and base.lora_A["default"].weight.dtype == torch.float32
             assert model.config._attn_implementation == "nbcustom_sdpa_float32"
+            assert "forward" in vars(base) and model.lm_head.weight.dtype == torch.bfloat16
         assert not torch.is_autocast_enabled("cpu") and model.config._attn_implementation == "sdpa"
+        assert "forward" not in vars(base) and model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     assert q_proj.weight is weight and weight.dtype == torch.float32
+
+
+def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
+    """``x W^T + s (x A^T) B^T`` as one product and one addmm: the same outputs and gradients
+    as peft's layer in float32 (exactly), and in bf16 within rounding."""
+    import torch
+
+    from nbcustom import models
+    from nbcustom.engines.llm.generate import adapted, lora_config
+
+    model, _ = models.load_llm(models.resolve_llm(None))
+    torch.manual_seed(0)
+    with adapted(model, config=lora_config(model, 8, 32)) as peft_model:
+        layer = peft_model.base_model.model.model.layers[3].mlp.up_proj
+        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+        assert precision._plain_lora(layer) and layer.scaling["default"] == 4.0
+        x = torch.randn(2, 7, 576, requires_grad=True)
+
+        def run(forward):
+            out = forward(x)
+            out.float().square().sum().backward()
+            grads = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
+            for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+                t.grad = None
+            return [out.detach().float(), *grads]
+
+        peft = run(layer)
+        lean = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.float32), v))
+        for a, b in zip(lean, peft):
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.bfloat16), v))
+        for a, b in zip(half, peft):
+            assert (a - b).norm() < 0.02 * b.norm()
 
 
 def test_bad_precision_is_one_line_and_leaves_the_store_unchanged(ip, store_dir):

@@ -3,10 +3,13 @@
 write, in float32 and with ``bf16=True`` (the best such a script gets on a CPU with native
 bf16), at the same LoRA settings, on the same tokenized examples, measured in one run.
 
-    .venv/bin/python tests/benchmarks/bench_finetune_cpu.py [--steps 6] [--batch-size 8]
+    .venv/bin/python tests/benchmarks/bench_finetune_cpu.py [--steps 12] [--batch-size 8]
 
-Figures are real (non-padding) training tokens per second over the training steps. Each
-run is a fresh subprocess (so each loads the model once and its peak RSS is its own).
+Figures are real (non-padding) training tokens per second over the training steps, the
+first step included. nbcustom's holdout evaluations during training (issue 13's early
+stopping; the Trainer script runs none) are timed apart and printed; its checkpoints are
+counted. Each run is a fresh subprocess (so each loads the model once and its peak RSS is
+its own).
 Targets (issue 14), on ragged rows (20-400 tokens per example) and on short rows (30-80
 tokens, a label task): at least 2.0x the float32 script and 1.3x the bf16 script.
 """
@@ -59,7 +62,7 @@ def run_nbcustom(frame, steps: int, batch_size: int) -> dict:
             eval_frac=0.02, max_new_tokens=1, device="cpu",
         )
         info = version.manifest["llm"]
-        return {"tokens": version.manifest["counts"]["train_tokens"], "seconds": info["train_seconds"]}
+        return {"tokens": version.manifest["counts"]["train_tokens"], "seconds": info["train_seconds"], "eval_seconds": info["eval_seconds"]}
 
 
 def run_trainer(frame, steps: int, batch_size: int, bf16: bool = False) -> dict:
@@ -133,7 +136,7 @@ def lengths(data: str, n: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rows", type=int, default=120)
     parser.add_argument("--data", choices=("ragged", "short", "uniform"), nargs="*", default=["ragged", "short"])
@@ -153,7 +156,8 @@ def main() -> None:
         print(f"\n{data}: {lengths(data, args.rows)}")
         got = {which: measure(which, data, args.rows, args.steps, args.batch_size) for which in SIDES}
         for which, r in got.items():
-            print(f"  {which:12s} {r['tokens']:6d} real tokens in {r['seconds']:6.1f}s = {r['tokens_per_s']:6.1f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB")
+            evaluations = f" (+{r['eval_seconds']:.1f}s of holdout evaluations)" if "eval_seconds" in r else ""
+            print(f"  {which:12s} {r['tokens']:6d} real tokens in {r['seconds']:6.1f}s = {r['tokens_per_s']:6.1f} tokens/s, peak RSS {r['peak_rss_gb']:.2f} GB{evaluations}")
         for baseline, target in TARGETS.items():
             ratio = got["nbcustom"]["tokens_per_s"] / got[baseline]["tokens_per_s"]
             verdicts.append(ratio >= target)

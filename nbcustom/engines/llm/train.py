@@ -18,6 +18,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ DEFAULT_BATCH = 8
 WARMUP = 0.06  # fraction of the steps with a rising learning rate
 CHECKPOINTS = 5  # checkpoints per run (and one at each epoch's end)
 # tokens per forward/backward pass; a step's packed rows are split into such micro-batches
-# (CPU: the activations of 512 tokens keep a run of the 135M model well under 4 GB)
-MICRO_BATCH_TOKENS = {"cpu": 512, "cuda": 65536}
+# (CPU: 512 float32 or 768 bf16-autocast tokens keep a run of the 135M model under 4 GB,
+# tests/benchmarks/bench_finetune_memory.py; 768 holds a step of eight 90-token rows)
+MICRO_BATCH_TOKENS = {"cpu": 512, "cpu-bf16": 768, "cuda": 65536}
 
 
 def train(spec, rows, previous, build, display) -> Outcome:
@@ -146,7 +148,8 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     total = len(steps)
     warmup = max(1, round(WARMUP * total))
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+    device = next(model.parameters()).device
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0, fused=device.type in ("cpu", "cuda"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
     )
@@ -158,7 +161,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     per_epoch = math.ceil(len(train_set) / min(spec.batch_size or DEFAULT_BATCH, len(train_set)))
     every = max(1, total // CHECKPOINTS)
     watch.plan(total, per_epoch)
-    device = next(model.parameters()).device
+    micro = MICRO_BATCH_TOKENS["cpu-bf16" if device.type == "cpu" and torch.is_autocast_enabled("cpu") else device.type]
     display.phase("training")
     started = time.monotonic()
 
@@ -168,33 +171,41 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
         return llm_pack.pack([train_set[i] for i in steps[step]], 0, tokenizer.pad_token_id)
 
     batch = packed(resumed_from) if resumed_from < total else None
-    for step in range(resumed_from, total):
-        model.train()
-        loss = backward(model, batch, MICRO_BATCH_TOKENS[device.type])
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        done, tokens = step + 1, batch["tokens"]
-        batch = packed(done) if done < total else None  # while a GPU still works on this step
-        loss = loss.item()
-        state["step"], state["tokens"] = done, state["tokens"] + tokens
-        state["history"].append((done, loss))
-        display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
-        if watch.due(done, total):
-            eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
-            state["eval_history"].append((done, eval_loss))
-            display.step(done, eval_loss=eval_loss)
-            display.log(f"step {done} (epoch {math.ceil(done / per_epoch)}): eval_loss {eval_loss:.4f}")
-            if watch.record(model, done, eval_loss):
-                break
-        if done < total and (done % every == 0 or done % per_epoch == 0):
-            state["seconds"] += time.monotonic() - started
-            started = time.monotonic()
-            checkpoint.save(model, optimizer, scheduler, state, best=watch.weights)
+    try:
+        for step in range(resumed_from, total):
+            model.train()
+            loss = backward(model, batch, micro)
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done, tokens = step + 1, batch["tokens"]
+            batch = packed(done) if done < total else None  # while a GPU still works on this step
+            loss = loss.item()
+            state["step"], state["tokens"] = done, state["tokens"] + tokens
+            state["history"].append((done, loss))
+            display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
+            if watch.due(done, total):
+                paused = time.monotonic()
+                eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
+                state["eval_history"].append((done, eval_loss))
+                display.step(done, eval_loss=eval_loss)
+                display.log(f"step {done} (epoch {math.ceil(done / per_epoch)}): eval_loss {eval_loss:.4f}")
+                evaluated = time.monotonic() - paused  # not training time: the throughput is the steps'
+                started += evaluated
+                state["eval_seconds"] = state.get("eval_seconds", 0.0) + evaluated
+                if watch.record(model, done, eval_loss):
+                    break
+            if done < total and (done % every == 0 or done % per_epoch == 0):
+                state["seconds"] += time.monotonic() - started
+                started = time.monotonic()
+                checkpoint.save(model, optimizer, scheduler, state, best=watch.weights)
+    finally:
+        checkpoint.wait()  # an interrupted run leaves its last checkpoint whole
     state["seconds"] += time.monotonic() - started
     return {
         "steps": state["step"], "planned_steps": total, "resumed_from": resumed_from, "train_seconds": round(state["seconds"], 2),
+        "eval_seconds": round(state.get("eval_seconds", 0.0), 2),
         "tokens_per_s": state["tokens"] / state["seconds"] if state["seconds"] else 0.0, **watch.finish(model),
     }
 
@@ -210,23 +221,36 @@ class Checkpoint:
         self._tensors = None
 
     def save(self, model, optimizer, scheduler, state: dict, best: dict | None = None) -> None:
-        """Save the run; ``best``: the best adapter so far (``--keep best``)."""
+        """Save the run; ``best``: the best adapter so far (``--keep best``). The tensors are
+        copied here and written by a thread while training goes on (the write took as long
+        as a step of short rows); ``wait`` returns once it is on disk."""
+        import copy
+
         import torch
         from peft import get_peft_model_state_dict
 
+        self.wait()
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {
-            "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(), "best": best,
+            "adapter": {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()},
+            "optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "best": best,  # the best adapter is a copy already, never changed in place
         }
-        staging = self.folder / "state.pt.tmp"
-        torch.save(tensors, staging)
-        os.replace(staging, self.folder / "state.pt")
-        (self.folder / "state.json.tmp").write_text(json.dumps({**state, "fingerprint": self.fingerprint}))
-        os.replace(self.folder / "state.json.tmp", self.folder / "state.json")
+        writer = _Writer(self.folder, tensors, json.dumps({**state, "fingerprint": self.fingerprint}))
+        _WRITERS[self.folder] = writer
+        writer.start()
+
+    def wait(self) -> None:
+        """Wait until the last ``save`` is on disk (raising its error, if it failed)."""
+        writer = _WRITERS.pop(self.folder, None)
+        if writer is not None:
+            writer.join()
+            if writer.error is not None:
+                raise writer.error
 
     def load(self) -> dict | None:
         """The saved run state, or None if there is none for this run."""
+        self.wait()
         try:
             state = json.loads((self.folder / "state.json").read_text())
         except (OSError, ValueError):
@@ -240,6 +264,7 @@ class Checkpoint:
         import torch
         from peft import set_peft_model_state_dict
 
+        self.wait()
         tensors = torch.load(self.folder / "state.pt", weights_only=False)
         set_peft_model_state_dict(model, tensors["adapter"])
         optimizer.load_state_dict(tensors["optimizer"])
@@ -248,7 +273,32 @@ class Checkpoint:
         return tensors.get("best")
 
     def clear(self) -> None:
+        self.wait()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_WRITERS: dict[Path, "_Writer"] = {}  # checkpoint folder -> the thread writing its last save
+
+
+class _Writer(threading.Thread):
+    """Writes one checkpoint: the tensors, then the state, each staged and renamed into place."""
+
+    def __init__(self, folder: Path, tensors: dict, state: str):
+        super().__init__(name="nbcustom-checkpoint")
+        self.folder, self.tensors, self.state, self.error = folder, tensors, state, None
+
+    def run(self) -> None:
+        import torch
+        from torch.utils.serialization import config
+
+        try:
+            with config.patch({"save.compute_crc32": False}):  # the zip's checksums took as long as the write
+                torch.save(self.tensors, self.folder / "state.pt.tmp")
+            os.replace(self.folder / "state.pt.tmp", self.folder / "state.pt")
+            (self.folder / "state.json.tmp").write_text(self.state)
+            os.replace(self.folder / "state.json.tmp", self.folder / "state.json")
+        except BaseException as error:  # raised again by Checkpoint.wait
+            self.error = error
 
 
 def _fingerprint(spec, rows, previous, path) -> str:
