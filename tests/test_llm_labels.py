@@ -152,13 +152,16 @@ TICKETS = f'--eval-frac 0.2 --lr 2e-3 --batch-size 8 --system "{label_task.SYSTE
 
 
 def _holdout_loss(version, frame) -> float:
-    """The saved adapter's mean holdout loss, recomputed from the version's files."""
+    """The saved adapter's mean holdout loss, recomputed from the version's files in the
+    precision the run evaluated in."""
+    from nbcustom.engines.llm import precision
     from nbcustom.engines.llm.generate import adapted, mean_loss
 
     model, tokenizer = models.load_llm(models.resolve_llm(None))
-    _, held_at = llm_data.split(len(frame), version.manifest["options"]["eval_frac"], version.manifest["options"]["seed"])
+    options = version.manifest["options"]
+    _, held_at = llm_data.split(len(frame), options["eval_frac"], options["seed"])
     held = llm_data.examples(frame.iloc[held_at].reset_index(drop=True), tokenizer, "prompt", "response", version.manifest["llm"]["system"])
-    with adapted(model, adapter_dir=version.model_dir) as peft_model:
+    with adapted(model, adapter_dir=version.model_dir) as peft_model, precision.choose("cpu", options["precision"]).computing(peft_model):
         return mean_loss(peft_model, held, tokenizer.pad_token_id)
 
 

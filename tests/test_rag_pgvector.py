@@ -185,7 +185,7 @@ def test_pgvector_finds_the_same_top_k_as_duckdb_and_the_same_hit_rate(tmp_path,
 @pytest.mark.slow
 def test_a_fresh_process_answers_from_pgvector_without_embedding(tmp_path, postgres):  # noqa: F811
     store = tmp_path / "store"
-    nbcustom.rag("facts", facts_frame(), store=store, ui="none", top_k=2, max_new_tokens=24, vector_store=postgres.url())
+    nbcustom.rag("facts", facts_frame(), store=store, ui="none", top_k=2, max_new_tokens=24, vector_store=postgres.url(password=True))
     questions = [QUESTIONS[0][0], QUESTIONS[4][0]]
     here = nbcustom.ask("facts", questions, store=store)
 

@@ -50,9 +50,10 @@ class Precision:
     @contextlib.contextmanager
     def computing(self, model):
         """``model`` (a PEFT model or a transformers model) computing in this precision until
-        the block ends: on a CPU in bf16, autocast, bf16 copies of the adapted layers' frozen
-        weights and float32 attention; elsewhere nothing changes. No autocast cast cache: it
-        would keep the LoRA weights' bf16 copies from before each update."""
+        the block ends: on a CPU in bf16, autocast, bf16 copies of the adapted layers' and the
+        LM head's frozen weights, the lean LoRA forward and float32 attention (see the module
+        docstring); elsewhere nothing changes. No autocast cast cache: it would keep the LoRA
+        weights' bf16 copies from before each update."""
         if self.compute == self.weights:
             yield model
             return
@@ -126,9 +127,9 @@ class _SharedCast:
     def __call__(self, x):
         if x.dtype == self.dtype:
             return x
-        if self.last is None or self.last[0] is not x:
-            self.last = (x, x.to(self.dtype))
-        return self.last[1]
+        if self.last is None or self.last[0] is not x or self.last[1] != x._version:  # not changed in place since
+            self.last = (x, x._version, x.to(self.dtype))
+        return self.last[2]
 
 
 def _plain_lora(layer) -> bool:
