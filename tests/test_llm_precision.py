@@ -4,6 +4,7 @@ on CPU learns what the float32 run learns (tests/test_llm_pack.py compares one s
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -43,6 +44,7 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
             assert base.base_layer.weight.dtype == torch.bfloat16 and base.lora_A["default"].weight.dtype == torch.float32
             assert model.config._attn_implementation == "nbcustom_sdpa_float32"
             assert "forward" in vars(base) and model.lm_head.weight.dtype == torch.bfloat16
+            assert os.environ.get(precision.ONEDNN_CACHE[0])  # set before oneDNN's first bf16 kernel, unless the user did
         assert not torch.is_autocast_enabled("cpu") and model.config._attn_implementation == "sdpa"
         assert "forward" not in vars(base) and model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     assert q_proj.weight is weight and weight.dtype == torch.float32

@@ -28,9 +28,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass
 
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")  # x86 and arm64 names in torch.cpu.get_capabilities()
+# oneDNN (bf16 products on CPU) keeps a compiled kernel for every new shape, 1024 by default;
+# packed rows bring new shapes each step and a 30-step run grew to 4.2 GB. 128 held it at
+# 3.4 GB at the same speed (tests/benchmarks/RESULTS.md). Read by oneDNN at its first use.
+ONEDNN_CACHE = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "128")
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,8 @@ class Precision:
         if self.compute == self.weights:
             yield model
             return
+        if self.device == "cpu":
+            os.environ.setdefault(*ONEDNN_CACHE)  # unless the user set it
         import torch
 
         dtype = getattr(torch, self.compute)
