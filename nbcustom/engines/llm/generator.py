@@ -4,6 +4,7 @@ its labels, with a confidence."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from ... import models
@@ -39,8 +40,12 @@ class Generator:
     def _base(self):
         base = self.version.manifest.get("base", {})
         path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
-        run_on = device_for("auto", self.precision)
-        return models.load_llm(path, run_on.device, run_on.weights)
+        return models.load_llm(path, self._run_on.device, self._run_on.weights)
+
+    @functools.cached_property
+    def _run_on(self):
+        """Where and in which precision this version computes (decided once)."""
+        return device_for("auto", self.precision)
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
         """Greedy completions of ``prompts`` (chat template with the version's system message)."""
@@ -58,7 +63,7 @@ class Generator:
         with models.quiet():
             model, tokenizer = self._base()
             ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, device_for("auto", self.precision).computing(peft_model):
+            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, self._run_on.computing(peft_model):
                 return answer(peft_model, tokenizer, ids)
 
     def predict(self, rows, max_new_tokens: int | None = None):

@@ -218,7 +218,6 @@ class Checkpoint:
         key = hashlib.sha256(f"{Path(store_root).resolve()}\0{name}".encode()).hexdigest()[:20]
         self.folder = models.cache_dir() / "checkpoints" / key
         self.fingerprint = fingerprint
-        self._tensors = None
 
     def save(self, model, optimizer, scheduler, state: dict, best: dict | None = None) -> None:
         """Save the run; ``best``: the best adapter so far (``--keep best``). The tensors are
