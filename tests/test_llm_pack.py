@@ -122,14 +122,36 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
         # the training step: one micro-batch per row, gradients accumulated
         step_loss = llm_pack.backward(peft_model, batch, max_tokens=1).item()
         accumulated = [p.grad.clone() for p in params]
+        peft_model.zero_grad(set_to_none=True)
+        # the rows dealt to two threads side by side (a CPU step of short rows)
+        threads, seen = torch.get_num_threads(), set()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(llm_pack, "causal_lm_loss", _noting_thread(llm_pack.causal_lm_loss, seen))
+            streamed_loss = llm_pack.backward(peft_model, batch, max_tokens=512, streams=2).item()
+        streamed = [p.grad.clone() for p in params]
+        assert torch.get_num_threads() == threads  # the threads' share is given back
+
+    assert len(seen) == (2 if len(batch["used"]) > 1 else 1)
 
     assert count == int((padded["labels"][:, 1:] != -100).sum())
     assert batch["input_ids"].numel() < padded["input_ids"].numel()  # less padding
     assert abs(loss.item() - reference.item()) < 1e-4 * reference.item()
     assert abs(step_loss - reference.item()) < 1e-4 * reference.item()
-    for got, summed, want in zip(grads, accumulated, reference_grads):  # float32 sums in another order: ~1e-4
+    assert abs(streamed_loss - reference.item()) < 1e-4 * reference.item()
+    for got, summed, side_by_side, want in zip(grads, accumulated, streamed, reference_grads):  # float32 sums in another order: ~1e-4
         assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-3
         assert (summed - want).norm() / want.norm() < 1e-3
+        assert (side_by_side - want).norm() / want.norm() < 1e-3
+
+
+def _noting_thread(loss, seen: set):
+    """``causal_lm_loss`` that notes which thread called it."""
+    import threading
+
+    def noted(*args, **kwargs):
+        seen.add(threading.current_thread().name)
+        return loss(*args, **kwargs)
+    return noted
 
 
 def test_accelerated_layers_give_the_same_loss_and_are_undone_on_exit():
@@ -174,10 +196,16 @@ def test_bf16_step_gives_the_fp32_loss_and_lora_gradients_within_bf16_rounding()
         peft_model.zero_grad(set_to_none=True)
         with precision.choose("cpu", "bf16").computing(peft_model):
             bf16 = llm_pack.backward(peft_model, batch, max_tokens=512).item()
-        bf16_grads = [p.grad.clone() for p in params]
+            bf16_grads = [p.grad.clone() for p in params]
+            peft_model.zero_grad(set_to_none=True)
+            side_by_side = llm_pack.backward(peft_model, batch, max_tokens=512, streams=2).item()  # the training loop's
+        side_by_side_grads = [p.grad.clone() for p in params]
     assert all(p.dtype == torch.float32 for p in params)  # adapters (and their gradients) stay float32
     assert abs(bf16 - fp32) < 0.02 * fp32  # bf16 keeps 8 bits of mantissa: ~0.4% per rounding
     total = torch.cat([g.flatten() for g in fp32_grads]).norm()
     assert (torch.cat([g.flatten() for g in bf16_grads]) - torch.cat([g.flatten() for g in fp32_grads])).norm() < 0.1 * total
     cosines = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) for a, b in zip(bf16_grads, fp32_grads) if b.norm() > 0]
     assert min(cosines) > 0.9 and bf16 != fp32  # close, and really computed in another precision
+    assert abs(side_by_side - fp32) < 0.02 * fp32  # two threads, each with its own bf16 input copies
+    cosines = [torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) for a, b in zip(side_by_side_grads, fp32_grads) if b.norm() > 0]
+    assert min(cosines) > 0.9

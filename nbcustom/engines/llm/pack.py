@@ -61,25 +61,88 @@ def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
     }
 
 
-def backward(model, batch: dict, max_tokens: int):
+def backward(model, batch: dict, max_tokens: int, streams: int = 1):
     """Backpropagate the batch's mean loss and return it (a tensor: reading it waits for
     the device). Rows go through the model in micro-batches of at most ``max_tokens``
     tokens (at least one row), each loss weighted by its share of the targets: the same
-    gradient as one pass, with the activation memory of one micro-batch."""
+    gradient as one pass, with the activation memory of one micro-batch.
+
+    ``streams`` > 1 (a CPU), when the rows fit one micro-batch (short rows, where a step is
+    mostly per-operation overhead): the rows are dealt to that many threads, which share
+    torch's threads and run side by side, and their gradients are added in a fixed order.
+    One thread's Python and small operations then overlap the other's products instead of
+    every operation waiting for all cores (tests/benchmarks/RESULTS.md). Longer rows keep
+    one pass at a time: two would hold twice the activations."""
     total = int((batch["targets"] != IGNORE).sum())
-    loss_sum, start = 0.0, 0
-    while start < len(batch["used"]):
-        stop = start + 1
-        while stop < len(batch["used"]) and (stop + 1 - start) * max(batch["used"][start:stop + 1]) <= max_tokens:
-            stop += 1
-        width = max(batch["used"][start:stop]) if batch["trim"] else batch["input_ids"].shape[1]
-        part = {k: batch[k][start:stop, :width] for k in ("input_ids", "position_ids", "targets")}
+    short = len(batch["used"]) * max(batch["used"]) <= max_tokens
+    shards = [s for s in (shard(batch, i, streams) for i in range(streams)) if s] if streams > 1 and short else [batch]
+    if len(shards) > 1:
+        return _side_by_side(model, shards, total)
+    loss_sum = 0.0
+    for part in _micro_batches(batch, max_tokens):
         loss, n = causal_lm_loss(model, part)
         if n:
             (loss * (n / total)).backward()
             loss_sum = loss_sum + loss.detach() * n
-        start = stop
     return loss_sum / max(total, 1)
+
+
+def shard(batch: dict, index: int, count: int) -> dict | None:
+    """Every ``count``-th packed row of ``batch`` from row ``index`` (rows come fullest
+    first, so the shares are even), or None if the batch has fewer rows."""
+    rows = list(range(index, len(batch["used"]), count))
+    if not rows:
+        return None
+    return {
+        **{k: batch[k][rows] for k in ("input_ids", "position_ids", "targets")},
+        "used": [batch["used"][i] for i in rows], "trim": batch["trim"],
+    }
+
+
+def _micro_batches(batch: dict, max_tokens: int):
+    """The batch's rows in consecutive groups of at most ``max_tokens`` tokens (at least one row)."""
+    used, start = batch["used"], 0
+    while start < len(used):
+        stop = start + 1
+        while stop < len(used) and (stop + 1 - start) * max(used[start:stop + 1]) <= max_tokens:
+            stop += 1
+        width = max(used[start:stop]) if batch["trim"] else batch["input_ids"].shape[1]
+        yield {k: batch[k][start:stop, :width] for k in ("input_ids", "position_ids", "targets")}
+        start = stop
+
+
+def _side_by_side(model, shards: list[dict], total: int):
+    """``backward`` over ``shards``, one thread each (the caller's runs the first), each with
+    its share of torch's threads and the caller's autocast; the LoRA gradients are summed
+    in shard order, so a run is repeatable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import torch
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    threads = torch.get_num_threads()
+    autocast = {"device_type": "cpu", "dtype": torch.get_autocast_dtype("cpu"), "enabled": torch.is_autocast_enabled("cpu"), "cache_enabled": False}
+
+    def gradient(rows):
+        torch.set_num_threads(max(1, threads // len(shards)))  # this thread's share
+        grads = [None] * len(params)
+        with torch.autocast(**autocast):
+            loss, n = causal_lm_loss(model, next(_micro_batches(rows, 1 << 30)))  # the rows fit one pass
+            if n:
+                grads = torch.autograd.grad(loss * (n / total), params, allow_unused=True)
+        return grads, loss.detach() * n if n else 0.0
+
+    try:
+        with ThreadPoolExecutor(len(shards) - 1, thread_name_prefix="nbcustom-backward") as pool:
+            others = [pool.submit(gradient, rows) for rows in shards[1:]]
+            results = [gradient(shards[0])] + [f.result() for f in others]
+    finally:
+        torch.set_num_threads(threads)
+    for i, p in enumerate(params):
+        for grads, _ in results:
+            if grads[i] is not None:
+                p.grad = grads[i] if p.grad is None else p.grad.add_(grads[i])
+    return sum(loss_sum for _, loss_sum in results) / max(total, 1)
 
 
 def causal_lm_loss(model, batch: dict, chunk: int | None = None):
@@ -104,7 +167,8 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
     # under the caller's autocast (CPU bf16) take the same path
     half = AUTOCAST and head.weight.dtype in (torch.bfloat16, torch.float16)
     autocast = torch.autocast(device.type, dtype=head.weight.dtype) if half else contextlib.nullcontext()
-    with autocast, _adapter_casts_off(model, half or torch.is_autocast_enabled(device.type)):
+    # on a CPU, Precision.computing turns peft's casts off once for the whole run
+    with autocast, _adapter_casts_off(model, half and device.type != "cpu"):
         if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
             logits = model(**inputs).logits
             return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep].float(), labels), len(labels)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import threading
 from dataclasses import dataclass
 
 NATIVE_BF16 = ("amx_bf16", "avx512_bf16", "bf16", "sve_bf16")  # x86 and arm64 names in torch.cpu.get_capabilities()
@@ -57,7 +58,7 @@ class Precision:
         """``model`` (a PEFT model or a transformers model) computing in this precision until
         the block ends: on a CPU in bf16, autocast, bf16 copies of the adapted layers' and the
         LM head's frozen weights, the lean LoRA forward and float32 attention (see the module
-        docstring); elsewhere nothing changes. No autocast cast cache: it would keep the LoRA
+        docstring), with peft's input casts off; elsewhere nothing changes. No autocast cast cache: it would keep the LoRA
         weights' bf16 copies from before each update."""
         if self.compute == self.weights:
             yield model
@@ -75,6 +76,9 @@ class Precision:
         attention = causal.config._attn_implementation
         for layer, weight in kept:
             layer.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+        casting = [(m, m.cast_input_dtype_enabled) for m in adapters if hasattr(m, "cast_input_dtype_enabled")]
+        for m, _ in casting:
+            m.cast_input_dtype_enabled = False  # autocast casts; peft need not cast each input
         shared = _SharedCast(dtype)
         for layer in lean:
             layer.forward = functools.partial(_lora_forward, layer, shared)
@@ -88,6 +92,8 @@ class Precision:
                 layer.weight = weight
             for layer in lean:
                 del layer.forward
+            for m, enabled in casting:
+                m.cast_input_dtype_enabled = enabled
             shared.last = None
             if attention == "sdpa":
                 causal.set_attn_implementation(attention)
@@ -124,9 +130,10 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(flag for flag in NATIVE_BF16 if capabilities.get(flag)) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
 
 
-class _SharedCast:
+class _SharedCast(threading.local):
     """The bf16 copy of the last input cast: q, k and v (gate and up) read the same tensor,
-    so it is cast and kept for the backward pass once, not once per layer."""
+    so it is cast and kept for the backward pass once, not once per layer. One per thread
+    (``pack.backward`` may run shards of a batch side by side)."""
 
     def __init__(self, dtype):
         self.dtype, self.last = dtype, None
@@ -134,9 +141,10 @@ class _SharedCast:
     def __call__(self, x):
         if x.dtype == self.dtype:
             return x
-        if self.last is None or self.last[0] is not x or self.last[1] != x._version:  # not changed in place since
-            self.last = (x, x._version, x.to(self.dtype))
-        return self.last[2]
+        last = self.last
+        if last is None or last[0] is not x or last[1] != x._version:  # not changed in place since
+            last = self.last = (x, x._version, x.to(self.dtype))
+        return last[2]
 
 
 def _plain_lora(layer) -> bool:

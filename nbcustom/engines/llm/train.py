@@ -35,6 +35,9 @@ CHECKPOINTS = 5  # checkpoints per run (and one at each epoch's end)
 # (CPU: 512 float32 or 768 bf16-autocast tokens keep a run of the 135M model under 4 GB,
 # tests/benchmarks/bench_finetune_memory.py; 768 holds a step of eight 90-token rows)
 MICRO_BATCH_TOKENS = {"cpu": 512, "cpu-bf16": 768, "cuda": 65536}
+# threads that run a step's rows side by side (pack.backward's streams): on a CPU in bf16,
+# two, each with half of torch's threads (tests/benchmarks/RESULTS.md)
+STREAMS = {"cpu-bf16": 2}
 
 
 def train(spec, rows, previous, build, display) -> Outcome:
@@ -161,7 +164,8 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     per_epoch = math.ceil(len(train_set) / min(spec.batch_size or DEFAULT_BATCH, len(train_set)))
     every = max(1, total // CHECKPOINTS)
     watch.plan(total, per_epoch)
-    micro = MICRO_BATCH_TOKENS["cpu-bf16" if device.type == "cpu" and torch.is_autocast_enabled("cpu") else device.type]
+    kind = "cpu-bf16" if device.type == "cpu" and torch.is_autocast_enabled("cpu") else device.type
+    micro, streams = MICRO_BATCH_TOKENS[kind], min(STREAMS.get(kind, 1), torch.get_num_threads())
     display.phase("training")
     started = time.monotonic()
 
@@ -174,7 +178,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     try:
         for step in range(resumed_from, total):
             model.train()
-            loss = backward(model, batch, micro)
+            loss = backward(model, batch, micro, streams)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             scheduler.step()

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 
 from ... import models
 from .data import Example
-from .pack import IGNORE
+from .pack import IGNORE, shard
 from .train import Checkpoint, _train_loop
 
 
@@ -44,32 +44,20 @@ class Progress:
         self._write("log", line)
 
 
-def shard(batch: dict, rank: int, world: int) -> dict | None:
-    """This worker's packed rows of a step's batch (every ``world``-th row: rows come
-    fullest first, so the shares are even), or None if the batch has fewer rows."""
-    rows = list(range(rank, len(batch["used"]), world))
-    if not rows:
-        return None
-    return {
-        **{k: batch[k][rows] for k in ("input_ids", "position_ids", "targets")},
-        "used": [batch["used"][i] for i in rows], "trim": batch["trim"],
-    }
-
-
 def averaged_backward(rank: int, world: int):
-    """A ``backward(model, batch, max_tokens)`` for ``_train_loop`` that leaves every worker
-    with the gradient of the whole batch's mean loss, and returns that loss."""
+    """A ``backward(model, batch, max_tokens, streams)`` for ``_train_loop`` that leaves every
+    worker with the gradient of the whole batch's mean loss, and returns that loss."""
     import torch
     import torch.distributed as dist
 
     from . import pack as llm_pack
 
-    def backward(model, batch, max_tokens):
+    def backward(model, batch, max_tokens, streams=1):
         params = [p for p in model.parameters() if p.requires_grad]
         mine = shard(batch, rank, world)
         total = int((batch["targets"] != IGNORE).sum())
         targets = int((mine["targets"] != IGNORE).sum()) if mine else 0
-        loss = llm_pack.backward(model, mine, max_tokens) if mine else torch.zeros((), device=params[0].device)
+        loss = llm_pack.backward(model, mine, max_tokens, streams) if mine else torch.zeros((), device=params[0].device)
         weight = targets / max(total, 1)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params] + [loss.detach().reshape(1).to(params[0].dtype)])
         flat.mul_(weight)
