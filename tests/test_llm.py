@@ -291,3 +291,37 @@ def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, s
     from nbcustom.engines.llm.train import Checkpoint
 
     assert not Checkpoint(store_dir, "resumable", "").folder.exists()  # cleared once the version is made
+
+
+@pytest.mark.slow  # the slow disk: about 10 s more
+def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store_dir, monkeypatch):
+    """A thread writes each checkpoint from the live tensors while the next step's gradient is
+    computed, and the optimizer waits for it: a slow disk must not let the next update into
+    the checkpoint."""
+    import time
+
+    import torch
+    from peft import get_peft_model_state_dict
+
+    from nbcustom.engines.llm.train import Checkpoint, _Writer
+
+    saved, written = [], []
+    real_save, real_run = Checkpoint.save, _Writer.run
+
+    def noting_save(self, model, *args, **kwargs):
+        saved.append({k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()})
+        real_save(self, model, *args, **kwargs)
+
+    def slow_run(self):
+        time.sleep(2.5)  # a slow disk: the next step computes meanwhile
+        real_run(self)
+        written.append(torch.load(self.folder / "state.pt", weights_only=False)["adapter"])
+
+    monkeypatch.setattr(Checkpoint, "save", noting_save)
+    monkeypatch.setattr(_Writer, "run", slow_run)
+    ip.user_ns["fmt_rows"] = llm_task.rows(20)
+    ip.run_cell_magic("finetune", "slowdisk --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8", "SELECT * FROM fmt_rows")
+    assert len(saved) == len(written) == 3  # after steps 1-3
+    assert not all(torch.equal(saved[0][k], saved[-1][k]) for k in saved[0])  # the adapter changed meanwhile
+    for at_save, on_disk in zip(saved, written):
+        assert at_save.keys() == on_disk.keys() and all(torch.equal(at_save[k], on_disk[k]) for k in at_save)

@@ -180,6 +180,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
             model.train()
             loss = backward(model, batch, micro, streams)
             torch.nn.utils.clip_grad_norm_(params, 1.0)
+            checkpoint.wait()  # the last checkpoint is written from the tensors the optimizer changes
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -224,9 +225,10 @@ class Checkpoint:
         self.fingerprint = fingerprint
 
     def save(self, model, optimizer, scheduler, state: dict, best: dict | None = None) -> None:
-        """Save the run; ``best``: the best adapter so far (``--keep best``). The tensors are
-        copied here and written by a thread while training goes on (the write took as long
-        as a step of short rows); ``wait`` returns once it is on disk."""
+        """Save the run; ``best``: the best adapter so far (``--keep best``). A thread writes
+        the live tensors while the next step's gradient is computed (the write took as long
+        as a step of short rows, and copying them first a tenth of one); the training loop
+        calls ``wait``, which returns once it is on disk, before the optimizer changes them."""
         import copy
 
         import torch
@@ -234,10 +236,12 @@ class Checkpoint:
 
         self.wait()
         self.folder.mkdir(parents=True, exist_ok=True)
+        optimizer_state = optimizer.state_dict()
         tensors = {
-            "adapter": {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()},
-            "optimizer": copy.deepcopy(optimizer.state_dict()), "scheduler": scheduler.state_dict(),
-            "rng": torch.get_rng_state(), "best": best,  # the best adapter is a copy already, never changed in place
+            "adapter": {k: v.detach() for k, v in get_peft_model_state_dict(model).items()},
+            "optimizer": {"state": {i: dict(s) for i, s in optimizer_state["state"].items()}, "param_groups": copy.deepcopy(optimizer_state["param_groups"])},
+            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": torch.get_rng_state(),
+            "best": best,  # the best adapter is a copy already, never changed in place
         }
         writer = _Writer(self.folder, tensors, json.dumps({**state, "fingerprint": self.fingerprint}))
         _WRITERS[self.folder] = writer
