@@ -57,9 +57,9 @@ class Precision:
     def computing(self, model):
         """``model`` (a PEFT model or a transformers model) computing in this precision until
         the block ends: on a CPU in bf16, autocast, bf16 copies of the adapted layers' and the
-        LM head's frozen weights, the lean LoRA forward and float32 attention (see the module
-        docstring), with peft's input casts off; elsewhere nothing changes. No autocast cast cache: it would keep the LoRA
-        weights' bf16 copies from before each update."""
+        LM head's frozen weights, the lean LoRA forward, float32 attention (see the module
+        docstring) and peft's input casts off; elsewhere nothing changes. No autocast cast
+        cache: it would keep the LoRA weights' bf16 copies from before each update."""
         if self.compute == self.weights:
             yield model
             return
