@@ -74,12 +74,12 @@ def backward(model, batch: dict, max_tokens: int, streams: int = 1):
     every operation waiting for all cores (tests/benchmarks/RESULTS.md). Longer rows keep
     one pass at a time: two would hold twice the activations."""
     total = int((batch["targets"] != IGNORE).sum())
-    short = len(batch["used"]) * max(batch["used"]) <= max_tokens
-    shards = [s for s in (shard(batch, i, streams) for i in range(streams)) if s] if streams > 1 and short else [batch]
-    if len(shards) > 1:
-        return _side_by_side(model, shards, total)
+    parts = list(_micro_batches(batch, max_tokens))
+    if streams > 1 and len(parts) == 1 and len(batch["used"]) > 1:
+        shards = [shard(batch, i, streams) for i in range(min(streams, len(batch["used"])))]
+        return _side_by_side(model, shards, max_tokens, total)
     loss_sum = 0.0
-    for part in _micro_batches(batch, max_tokens):
+    for part in parts:
         loss, n = causal_lm_loss(model, part)
         if n:
             (loss * (n / total)).backward()
@@ -111,7 +111,7 @@ def _micro_batches(batch: dict, max_tokens: int):
         start = stop
 
 
-def _side_by_side(model, shards: list[dict], total: int):
+def _side_by_side(model, shards: list[dict], max_tokens: int, total: int):
     """``backward`` over ``shards``, one thread each (the caller's runs the first), each with
     its share of torch's threads and the caller's autocast; the LoRA gradients are summed
     in shard order, so a run is repeatable."""
@@ -127,7 +127,7 @@ def _side_by_side(model, shards: list[dict], total: int):
         torch.set_num_threads(max(1, threads // len(shards)))  # this thread's share
         grads = [None] * len(params)
         with torch.autocast(**autocast):
-            loss, n = causal_lm_loss(model, next(_micro_batches(rows, 1 << 30)))  # the rows fit one pass
+            loss, n = causal_lm_loss(model, next(_micro_batches(rows, max_tokens)))  # a share of one pass fits one
             if n:
                 grads = torch.autograd.grad(loss * (n / total), params, allow_unused=True)
         return grads, loss.detach() * n if n else 0.0

@@ -229,19 +229,14 @@ class Checkpoint:
         the live tensors while the next step's gradient is computed (the write took as long
         as a step of short rows, and copying them first a tenth of one); the training loop
         calls ``wait``, which returns once it is on disk, before the optimizer changes them."""
-        import copy
-
         import torch
         from peft import get_peft_model_state_dict
 
         self.wait()
         self.folder.mkdir(parents=True, exist_ok=True)
-        optimizer_state = optimizer.state_dict()
-        tensors = {
-            "adapter": {k: v.detach() for k, v in get_peft_model_state_dict(model).items()},
-            "optimizer": {"state": {i: dict(s) for i, s in optimizer_state["state"].items()}, "param_groups": copy.deepcopy(optimizer_state["param_groups"])},
-            "scheduler": copy.deepcopy(scheduler.state_dict()), "rng": torch.get_rng_state(),
-            "best": best,  # the best adapter is a copy already, never changed in place
+        tensors = {  # live tensors and state: nothing changes them before the optimizer step
+            "adapter": get_peft_model_state_dict(model), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(), "best": best,  # the best adapter is a copy already, never changed in place
         }
         writer = _Writer(self.folder, tensors, json.dumps({**state, "fingerprint": self.fingerprint}))
         _WRITERS[self.folder] = writer
