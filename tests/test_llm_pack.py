@@ -144,6 +144,18 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
         assert (side_by_side - want).norm() / want.norm() < 1e-3
 
 
+def test_rows_side_by_side_are_split_where_the_widest_share_is_smallest():
+    """Rows of similar width go to the same thread: each thread's pass is as wide as its widest
+    row, so dealing rows in turn would give both threads the widest rows."""
+    used = [78, 50, 48, 46, 44, 42]
+    assert llm_pack._balanced(used, 2) == [[0, 1], [2, 3, 4, 5]]  # widest passes 2 x 78 and 4 x 48 tokens
+    assert max(len(used[i::2]) * used[i] for i in (0, 1)) == 3 * 78  # rows dealt in turn: 3 x 78
+    for used, count in (([5, 5, 5, 5], 3), ([9, 2, 7], 2), ([10], 2), (list(range(40, 0, -1)), 4)):
+        groups = llm_pack._balanced(used, count)
+        assert sorted(i for g in groups for i in g) == list(range(len(used))) and len(groups) <= count
+    assert llm_pack._balanced([9, 2, 7], 2) == [[0], [2, 1]]  # widest first, whatever the packing order: 9 | 7 + 2
+
+
 def _noting_thread(loss, seen: set):
     """``causal_lm_loss`` that notes which thread called it."""
     import threading

@@ -41,7 +41,8 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
         with precision.choose("cpu", "bf16").computing(peft_model):
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
             base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-            assert base.base_layer.weight.dtype == torch.bfloat16 and base.lora_A["default"].weight.dtype == torch.float32
+            frozen = base.forward.args[2]  # the lean forward's W and W^T, in oneDNN's layout
+            assert all(w.dtype == torch.bfloat16 and w.is_mkldnn for w in frozen) and base.lora_A["default"].weight.dtype == torch.float32
             assert model.config._attn_implementation == "nbcustom_sdpa_float32"
             assert "forward" in vars(base) and model.lm_head.weight.dtype == torch.bfloat16
             assert os.environ.get(precision.ONEDNN_CACHE[0])  # set before oneDNN's first bf16 kernel, unless the user did
@@ -51,8 +52,8 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
 
 
 def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
-    """``x W^T + s (x A^T) B^T`` as one product and one addmm: the same outputs and gradients
-    as peft's layer in float32 (exactly), and in bf16 within rounding."""
+    """``x W^T + s (x A^T) B^T`` as one autograd node: the same outputs and gradients as
+    peft's layer in float32 (exactly), and in bf16 (oneDNN-packed W) within rounding."""
     import torch
 
     from nbcustom import models
@@ -75,11 +76,12 @@ def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
             return [out.detach().float(), *grads]
 
         peft = run(layer)
-        lean = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.float32), v))
+        weight = layer.get_base_layer().weight
+        lean = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.float32), precision._frozen(weight, torch.float32), v))
         for a, b in zip(lean, peft):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.bfloat16), v))
+            half = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.bfloat16), precision._frozen(weight, torch.bfloat16), v))
         for a, b in zip(half, peft):
             assert (a - b).norm() < 0.02 * b.norm()
 
@@ -105,7 +107,8 @@ def test_bf16_run_learns_what_the_fp32_run_learns(tmp_path):
     fp32, bf16 = (manifests[p]["metrics"] for p in ("fp32", "bf16"))
     assert fp32["after"]["exact_match"] >= fp32["before"]["exact_match"] + 0.5  # --precision fp32 learns as before
     assert abs(bf16["after"]["exact_match"] - fp32["after"]["exact_match"]) <= 0.05
-    assert abs(bf16["after"]["eval_loss"] - fp32["after"]["eval_loss"]) < 0.1 * fp32["after"]["eval_loss"]
+    # within 10 %, or 0.005 nats where both runs have learned the task (losses near 0.01)
+    assert abs(bf16["after"]["eval_loss"] - fp32["after"]["eval_loss"]) < max(0.1 * fp32["after"]["eval_loss"], 0.005)
     for p, manifest in manifests.items():
         assert manifest["options"]["precision"] == p and manifest["llm"]["precision"]["name"] == p
         assert f"--precision {p}" in manifest["llm"]["precision"]["why"]

@@ -68,16 +68,17 @@ def backward(model, batch: dict, max_tokens: int, streams: int = 1):
     gradient as one pass, with the activation memory of one micro-batch.
 
     ``streams`` > 1 (a CPU), when the rows fit one micro-batch (short rows, where a step is
-    mostly per-operation overhead): the rows are dealt to that many threads, which share
-    torch's threads and run side by side, and their gradients are added in a fixed order.
+    mostly per-operation overhead): the rows are split among that many threads (rows of
+    similar width together, ``_balanced``), which share torch's threads and run side by
+    side, and their gradients are added in a fixed order.
     One thread's Python and small operations then overlap the other's products instead of
     every operation waiting for all cores (tests/benchmarks/RESULTS.md). Longer rows keep
     one pass at a time: two would hold twice the activations."""
     total = int((batch["targets"] != IGNORE).sum())
     parts = list(_micro_batches(batch, max_tokens))
-    if streams > 1 and len(parts) == 1 and len(batch["used"]) > 1:
-        shards = [shard(batch, i, streams) for i in range(min(streams, len(batch["used"])))]
-        return _side_by_side(model, shards, max_tokens, total)
+    groups = _balanced(batch["used"], streams) if streams > 1 and len(parts) == 1 else []
+    if len(groups) > 1:
+        return _side_by_side(model, [_rows(batch, rows) for rows in groups], max_tokens, total)
     loss_sum = 0.0
     for part in parts:
         loss, n = causal_lm_loss(model, part)
@@ -91,12 +92,33 @@ def shard(batch: dict, index: int, count: int) -> dict | None:
     """Every ``count``-th packed row of ``batch`` from row ``index`` (rows come fullest
     first, so the shares are even), or None if the batch has fewer rows."""
     rows = list(range(index, len(batch["used"]), count))
-    if not rows:
-        return None
+    return _rows(batch, rows) if rows else None
+
+
+def _rows(batch: dict, rows: list[int]) -> dict:
+    """The given packed rows of ``batch``."""
     return {
         **{k: batch[k][rows] for k in ("input_ids", "position_ids", "targets")},
         "used": [batch["used"][i] for i in rows], "trim": batch["trim"],
     }
+
+
+def _balanced(used: list[int], count: int) -> list[list[int]]:
+    """Row indices in at most ``count`` groups of consecutive widths (widest first), cut so
+    that the largest group (rows x its widest row: what its pass computes) is smallest."""
+    order = sorted(range(len(used)), key=lambda i: -used[i])
+    widths = [used[i] for i in order]
+
+    def groups(limit):  # each group takes rows while rows x its first width <= limit
+        out, start = [], 0
+        while start < len(order):
+            size = max(1, limit // widths[start])
+            out.append(order[start:start + size])
+            start += size
+        return out
+
+    costs = sorted({widths[start] * size for start in range(len(order)) for size in range(1, len(order) - start + 1)})
+    return groups(next(cost for cost in costs if len(groups(cost)) <= count))
 
 
 def _micro_batches(batch: dict, max_tokens: int):

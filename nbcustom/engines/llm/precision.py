@@ -14,10 +14,13 @@ besides the arithmetic is changed, and undone afterwards (a step of short rows i
 per-operation overhead on a CPU):
 
 - the frozen weights of the adapted linear layers and of the LM head are bf16 copies, cast
-  once rather than at every product;
-- each LoRA layer computes ``x W^T + s (x A^T) B^T`` as one product plus one ``addmm``
-  from one bf16 copy of its input, shared by the layers that read the same input (q, k, v;
-  gate, up), instead of peft's separate casts, scaling and sum;
+  once rather than at every product; an adapted layer's W is kept twice (W and W^T, for
+  the input gradient) in oneDNN's blocked layout, which its products otherwise rebuild at
+  every call;
+- each LoRA layer is one autograd node (``_lora_function``): ``x W^T + s (x A^T) B^T`` as
+  one product plus one ``addmm_`` from one bf16 copy of its input, shared by the layers that
+  read the same input (q, k, v; gate, up), and in the backward pass the LoRA term added
+  inside the input gradient's product, instead of peft's separate casts, scaling and sums;
 - attention runs in float32 (the CPU's bf16 attention backward is slower than float32 at
   fine-tuning lengths).
 
@@ -70,9 +73,9 @@ class Precision:
         dtype = getattr(torch, self.compute)
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         adapters = [m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "lora_A")]
-        frozen = [m.get_base_layer() for m in adapters] + [causal.get_output_embeddings()]
+        lean = [m for m in adapters if _plain_lora(m) and not m.get_base_layer().weight.requires_grad]
+        frozen = [m.get_base_layer() for m in adapters if m not in lean] + [causal.get_output_embeddings()]
         kept = [(layer, layer.weight) for layer in frozen if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad]
-        lean = [m for m in adapters if _plain_lora(m)]
         attention = causal.config._attn_implementation
         for layer, weight in kept:
             layer.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
@@ -80,8 +83,8 @@ class Precision:
         for m, _ in casting:
             m.cast_input_dtype_enabled = False  # autocast casts; peft need not cast each input
         shared = _SharedCast(dtype)
-        for layer in lean:
-            layer.forward = functools.partial(_lora_forward, layer, shared)
+        for layer in lean:  # their frozen weights only in the lean forward's layout
+            layer.forward = functools.partial(_lora_forward, layer, shared, _frozen(layer.get_base_layer().weight, dtype))
         if attention == "sdpa":
             causal.set_attn_implementation(_float32_sdpa())
         try:
@@ -159,17 +162,62 @@ def _plain_lora(layer) -> bool:
     )
 
 
-def _lora_forward(layer, cast, x, *args, **kwargs):
-    """``x W^T + b + s (x A^T) B^T`` from one bf16 copy of ``x``: the LoRA sum and scaling
-    are the ``addmm``'s, and autocast casts the small A and B."""
+def _lora_forward(layer, cast, weights, x, *args, **kwargs):
+    """``x W^T + b + s (x A^T) B^T`` from one bf16 copy of ``x`` (``_lora_function``);
+    ``weights``: the frozen W for the product and for the input gradient (``_frozen``)."""
+    name = layer.active_adapters[0]
+    lora = (layer.lora_A[name].weight, layer.lora_B[name].weight)
+    return _lora_function().apply(cast(x), *lora, *weights, layer.get_base_layer().bias, layer.scaling[name])
+
+
+def _frozen(weight, dtype) -> tuple:
+    """A frozen weight W in ``dtype`` twice: for ``x W^T`` and, as W^T, for the input gradient
+    ``g W``; each one reordered once into oneDNN's blocked layout where torch has it (the
+    products then skip the reorder they would do at every call)."""
     import torch
 
-    name = layer.active_adapters[0]
-    base, x = layer.get_base_layer(), cast(x)
-    out = torch.nn.functional.linear(x, base.weight, base.bias)
-    low = torch.nn.functional.linear(x, layer.lora_A[name].weight)
-    sum_ = torch.addmm(out.flatten(0, -2), low.flatten(0, -2), layer.lora_B[name].weight.t(), alpha=layer.scaling[name])
-    return sum_.view(out.shape)
+    weight = weight.detach().to(dtype)
+    pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+    if pack is None or dtype != torch.bfloat16:
+        return weight, weight.t()
+    return pack(weight), pack(weight.t().contiguous())
+
+
+@functools.cache
+def _lora_function():
+    import torch
+
+    def product(x, weight, bias=None):
+        """``x weight^T + bias`` for a plain or a oneDNN-packed ``weight``."""
+        if weight.is_mkldnn:
+            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+
+    class LoRALinear(torch.autograd.Function):
+        """A LoRA layer as one autograd node: ``x W^T + b + s (x A^T) B^T`` and its input, A and
+        B gradients, the LoRA terms added inside the products (``addmm_``)."""
+
+        @staticmethod
+        def forward(ctx, x, lora_a, lora_b, weight, transposed, bias, scale):
+            flat = x.reshape(-1, x.shape[-1])
+            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+            low = flat @ a.t()
+            out = product(flat, weight, None if bias is None else bias.to(x.dtype)).addmm_(low, b.t(), alpha=scale)
+            ctx.save_for_backward(flat, low, a, b)
+            ctx.transposed, ctx.scale, ctx.dtype, ctx.shape = transposed, scale, lora_a.dtype, x.shape
+            return out.view(*x.shape[:-1], out.shape[-1])
+
+        @staticmethod
+        def backward(ctx, grad):
+            flat, low, a, b = ctx.saved_tensors
+            grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
+            grad_low = (grad @ b).mul_(ctx.scale)
+            grad_x = product(grad, ctx.transposed).addmm_(grad_low, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
+            grad_a = (grad_low.t() @ flat).to(ctx.dtype)
+            grad_b = (grad.t() @ low).mul_(ctx.scale).to(ctx.dtype)
+            return grad_x, grad_a, grad_b, None, None, None, None
+
+    return LoRALinear
 
 
 @functools.cache
