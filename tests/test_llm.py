@@ -260,6 +260,7 @@ def test_second_finetune_continues_from_v1_without_reloading_the_base(tuned, she
 
 @pytest.mark.slow
 def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, store_dir, monkeypatch):
+    monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 0)  # a checkpoint at every planned step
     ip.user_ns["fmt_rows"] = llm_task.rows(20)
     options = "--max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8"
     seen: list[int] = []
@@ -319,9 +320,34 @@ def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store
 
     monkeypatch.setattr(Checkpoint, "save", noting_save)
     monkeypatch.setattr(_Writer, "run", slow_run)
+    monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 0)
     ip.user_ns["fmt_rows"] = llm_task.rows(20)
     ip.run_cell_magic("finetune", "slowdisk --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8", "SELECT * FROM fmt_rows")
     assert len(saved) == len(written) == 3  # after steps 1-3
     assert not all(torch.equal(saved[0][k], saved[-1][k]) for k in saved[0])  # the adapter changed meanwhile
     for at_save, on_disk in zip(saved, written):
         assert at_save.keys() == on_disk.keys() and all(torch.equal(at_save[k], on_disk[k]) for k in at_save)
+
+
+@pytest.mark.slow
+def test_a_run_shorter_than_the_checkpoint_interval_writes_no_checkpoint(ip, store_dir, monkeypatch):
+    """Checkpoints come at the planned steps, but at most one per ``CHECKPOINT_SECONDS``: a
+    short run spends no CPU on them."""
+    from nbcustom import Store
+    from nbcustom.engines.llm.train import Checkpoint
+
+    saves = []
+    monkeypatch.setattr(Checkpoint, "save", lambda self, *args, **kwargs: saves.append(self))
+    monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 3600)
+    ip.user_ns["fmt_rows"] = llm_task.rows(12)
+    ip.run_cell_magic("finetune", "quick --max-steps 3 --eval-frac 0.25 --max-new-tokens 1", "SELECT * FROM fmt_rows")
+    assert Store(store_dir).get("quick").manifest["counts"]["steps"] == 3 and saves == []
+
+
+def _train_module():
+    """``nbcustom.engines.llm.train`` the module (the package's ``train`` is its function)."""
+    import sys
+
+    from nbcustom.engines.llm.train import Checkpoint
+
+    return sys.modules[Checkpoint.__module__]

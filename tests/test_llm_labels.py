@@ -4,6 +4,8 @@ matrix, a saved notebook) is in test_llm_labels_notebook.py."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import label_task
@@ -199,6 +201,7 @@ def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
 
     frame = ip.user_ns["tickets"] = label_task.rows(40)
     options = f"{TICKETS} --lr 5e-3 --max-steps 8 --eval-every 1 --patience 0"
+    monkeypatch.setattr(sys.modules[Checkpoint.__module__], "CHECKPOINT_SECONDS", 0)  # a checkpoint at every planned step
     real_step = TextDisplay.step
 
     def interrupting(self, step, total=None, **metrics):

@@ -31,6 +31,10 @@ from .generate import adapted, generate, lora_config, mean_loss, score
 DEFAULT_BATCH = 8
 WARMUP = 0.06  # fraction of the steps with a rising learning rate
 CHECKPOINTS = 5  # checkpoints per run (and one at each epoch's end)
+# ... but at most one per this many seconds: a resumed run repeats at most that much
+# training, and a short run spends no CPU on them (a save of the 135M model's adapter and
+# optimizer state took about 85 ms of CPU, tests/benchmarks/RESULTS.md)
+CHECKPOINT_SECONDS = 30.0
 # tokens per forward/backward pass; a step's packed rows are split into such micro-batches
 # (CPU: 512 float32 or 768 bf16-autocast tokens keep a run of the 135M model under 4 GB,
 # tests/benchmarks/bench_finetune_memory.py; 768 holds a step of eight 90-token rows)
@@ -167,7 +171,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     kind = "cpu-bf16" if device.type == "cpu" and torch.is_autocast_enabled("cpu") else device.type
     micro, streams = MICRO_BATCH_TOKENS[kind], min(STREAMS.get(kind, 1), torch.get_num_threads())
     display.phase("training")
-    started = time.monotonic()
+    started = saved_at = time.monotonic()
 
     def packed(step):
         # rows as wide as the step's longest example: little padding, and little attention
@@ -201,9 +205,10 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
                 state["eval_seconds"] = state.get("eval_seconds", 0.0) + evaluated
                 if watch.record(model, done, eval_loss):
                     break
-            if done < total and (done % every == 0 or done % per_epoch == 0):
+            due = done < total and (done % every == 0 or done % per_epoch == 0)
+            if due and time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
                 state["seconds"] += time.monotonic() - started
-                started = time.monotonic()
+                started = saved_at = time.monotonic()
                 checkpoint.save(model, optimizer, scheduler, state, best=watch.weights)
     finally:
         checkpoint.wait()  # an interrupted run leaves its last checkpoint whole
