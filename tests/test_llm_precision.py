@@ -46,6 +46,8 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
             assert model.config._attn_implementation == "nbcustom_sdpa_float32"
             assert "forward" in vars(base) and model.lm_head.weight.dtype == torch.bfloat16
             assert os.environ.get(precision.ONEDNN_CACHE[0])  # set before oneDNN's first bf16 kernel, unless the user did
+        with precision.choose("cpu", "bf16").computing(peft_model, training=False):  # %%predict: plain bf16 copies
+            assert all(w.dtype == torch.bfloat16 and not w.is_mkldnn for w in base.forward.args[2])
         assert not torch.is_autocast_enabled("cpu") and model.config._attn_implementation == "sdpa"
         assert "forward" not in vars(base) and model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     assert q_proj.weight is weight and weight.dtype == torch.float32

@@ -63,7 +63,7 @@ class Generator:
         with models.quiet():
             model, tokenizer = self._base()
             ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, self._run_on.computing(peft_model):
+            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, self._run_on.computing(peft_model, training=False):
                 return answer(peft_model, tokenizer, ids)
 
     def predict(self, rows, max_new_tokens: int | None = None):
