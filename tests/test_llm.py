@@ -342,6 +342,10 @@ def test_a_run_shorter_than_the_checkpoint_interval_writes_no_checkpoint(ip, sto
     ip.user_ns["fmt_rows"] = llm_task.rows(12)
     ip.run_cell_magic("finetune", "quick --max-steps 3 --eval-frac 0.25 --max-new-tokens 1", "SELECT * FROM fmt_rows")
     assert Store(store_dir).get("quick").manifest["counts"]["steps"] == 3 and saves == []
+    summaries = []
+    monkeypatch.setattr(TextDisplay, "finish", lambda self, summary: summaries.append(summary))
+    ip.run_cell_magic("finetune", "again --max-steps 1 --eval-frac 0.25 --max-new-tokens 1 --resume", "SELECT * FROM fmt_rows")
+    assert any(note.startswith("--resume found no checkpoint of this run") for note in summaries[0].notes), summaries[0].notes
 
 
 def _train_module():

@@ -116,6 +116,8 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         notes.append(f"{dropped} example(s) longer than --max-length {spec.max_length} tokens were dropped")
     if run["resumed_from"]:
         notes.append(f"resumed from the checkpoint at step {run['resumed_from']}")
+    elif spec.resume:
+        notes.append(f"--resume found no checkpoint of this run (one is written at most every {CHECKPOINT_SECONDS:.0f} s of training): trained from the start")
     notes.append(f"task: {task_reason}")
     notes.extend(early_stop.notes(run))
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
