@@ -214,13 +214,14 @@ NOTEBOOK = [
 
 
 def _summary(outputs) -> tuple[list, str]:
-    """The kinds of a cell's outputs, and its text summary with the figures masked (and
-    without the throughput line, the one that names the workers)."""
+    """The kinds of a cell's outputs, and its text summary with the figures masked, and the
+    columns' padding with them (0.0104 and 0.01077 differ in width), without the throughput
+    line, the one that names the workers."""
     import re
 
     kinds = [(o.output_type, sorted(o.get("data", {}))) for o in outputs]
     text = "\n".join(o.data["text/plain"] for o in outputs if o.output_type == "display_data")
-    lines = [re.sub(r"\d[\d.,e+-]*", "#", line) for line in text.splitlines() if "tokens/s" not in line]
+    lines = [re.sub(r" +", " ", re.sub(r"\d[\d.,e+-]*", "#", line)) for line in text.splitlines() if "tokens/s" not in line]
     return kinds, "\n".join(lines)
 
 
