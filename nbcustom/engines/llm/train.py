@@ -173,7 +173,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     kind = "cpu-bf16" if device.type == "cpu" and torch.is_autocast_enabled("cpu") else device.type
     micro, streams = MICRO_BATCH_TOKENS[kind], min(STREAMS.get(kind, 1), torch.get_num_threads())
     display.phase("training")
-    started = saved_at = time.monotonic()
+    started = time.monotonic()  # of the training since the last checkpoint (evaluations are moved out)
 
     def packed(step):
         # rows as wide as the step's longest example: little padding, and little attention
@@ -208,9 +208,9 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
                 if watch.record(model, done, eval_loss):
                     break
             due = done < total and (done % every == 0 or done % per_epoch == 0)
-            if due and time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
+            if due and time.monotonic() - started >= CHECKPOINT_SECONDS:
                 state["seconds"] += time.monotonic() - started
-                started = saved_at = time.monotonic()
+                started = time.monotonic()
                 checkpoint.save(model, optimizer, scheduler, state, best=watch.weights)
     finally:
         checkpoint.wait()  # an interrupted run leaves its last checkpoint whole
