@@ -3,6 +3,7 @@ on CPU learns what the float32 run learns (tests/test_llm_pack.py compares one s
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -40,22 +41,27 @@ def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_
             assert not torch.is_autocast_enabled("cpu") and q_proj.weight is weight
         with precision.choose("cpu", "bf16").computing(peft_model):
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-            base = peft_model.base_model.model.model.layers[0].self_attn.q_proj
-            frozen = base.forward.args[2]  # the lean forward's W and W^T, in oneDNN's layout
-            assert all(w.dtype == torch.bfloat16 and w.is_mkldnn for w in frozen) and base.lora_A["default"].weight.dtype == torch.float32
+            attention = peft_model.base_model.model.model.layers[0].self_attn
+            base = attention.q_proj
+            group = base.forward.func.__self__  # q, k and v read the same input: one node; o reads another
+            assert group.layers == [attention.q_proj, attention.k_proj, attention.v_proj] and attention.v_proj.forward.func.__self__ is group
+            assert attention.o_proj.forward.func.__self__.layers == [attention.o_proj]
+            # the group's W and W^T, side by side, in oneDNN's layout
+            assert all(w.dtype == torch.bfloat16 and w.is_mkldnn for w in group.weights) and base.lora_A["default"].weight.dtype == torch.float32
             assert model.config._attn_implementation == "nbcustom_sdpa_float32"
             assert "forward" in vars(base) and model.lm_head.weight.dtype == torch.bfloat16
             assert os.environ.get(precision.ONEDNN_CACHE[0])  # set before oneDNN's first bf16 kernel, unless the user did
         with precision.choose("cpu", "bf16").computing(peft_model, training=False):  # %%predict: plain bf16 copies
-            assert all(w.dtype == torch.bfloat16 and not w.is_mkldnn for w in base.forward.args[2])
+            assert all(w.dtype == torch.bfloat16 and not w.is_mkldnn for w in base.forward.func.__self__.weights)
         assert not torch.is_autocast_enabled("cpu") and model.config._attn_implementation == "sdpa"
         assert "forward" not in vars(base) and model.lm_head.weight is model.model.embed_tokens.weight  # tied again
     assert q_proj.weight is weight and weight.dtype == torch.float32
 
 
 def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
-    """``x W^T + s (x A^T) B^T`` as one autograd node: the same outputs and gradients as
-    peft's layer in float32 (exactly), and in bf16 (oneDNN-packed W) within rounding."""
+    """LoRA layers that read the same input (gate and up; down alone) as one autograd node:
+    the same outputs and gradients as peft's layers in float32 (exactly), and in bf16
+    (oneDNN-packed W) within rounding."""
     import torch
 
     from nbcustom import models
@@ -64,26 +70,32 @@ def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
     model, _ = models.load_llm(models.resolve_llm(None))
     torch.manual_seed(0)
     with adapted(model, config=lora_config(model, 8, 32)) as peft_model:
-        layer = peft_model.base_model.model.model.layers[3].mlp.up_proj
-        torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
-        assert precision._plain_lora(layer) and layer.scaling["default"] == 4.0
+        mlp = peft_model.base_model.model.model.layers[3].mlp
+        layers = [mlp.gate_proj, mlp.up_proj]
+        for layer in layers + [mlp.down_proj]:
+            torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05)
+            assert precision._plain_lora(layer) and layer.scaling["default"] == 4.0
         x = torch.randn(2, 7, 576, requires_grad=True)
+        h = torch.randn(2, 7, 1536, requires_grad=True)
+        tensors = [x, h] + [p for layer in layers + [mlp.down_proj] for p in (layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
 
-        def run(forward):
-            out = forward(x)
-            out.float().square().sum().backward()
-            grads = [t.grad.clone() for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight)]
-            for t in (x, layer.lora_A["default"].weight, layer.lora_B["default"].weight):
+        def run(forwards):
+            outs = [forward(x) for forward in forwards[:-1]] + [forwards[-1](h)]
+            sum(out.float().square().sum() * (i + 1) for i, out in enumerate(outs)).backward()
+            grads = [t.grad.clone() for t in tensors]
+            for t in tensors:
                 t.grad = None
-            return [out.detach().float(), *grads]
+            return [out.detach().float() for out in outs] + grads
 
-        peft = run(layer)
-        weight = layer.get_base_layer().weight
-        lean = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.float32), precision._frozen(weight, torch.float32), v))
-        for a, b in zip(lean, peft):
+        def lean(dtype, packed=True):
+            pair, down = precision._Adapted(layers, dtype, packed), precision._Adapted([mlp.down_proj], dtype, packed)
+            return [functools.partial(pair.forward, 0), functools.partial(pair.forward, 1), functools.partial(down.forward, 0)]
+
+        peft = run(layers + [mlp.down_proj])
+        for a, b in zip(run(lean(torch.float32)), peft):
             assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            half = run(lambda v: precision._lora_forward(layer, precision._SharedCast(torch.bfloat16), precision._frozen(weight, torch.bfloat16), v))
+            half = run(lean(torch.bfloat16))
         for a, b in zip(half, peft):
             assert (a - b).norm() < 0.02 * b.norm()
 

@@ -17,10 +17,12 @@ per-operation overhead on a CPU):
   once rather than at every product; an adapted layer's W is kept twice (W and W^T, for
   the input gradient) in oneDNN's blocked layout, which its products otherwise rebuild at
   every call;
-- each LoRA layer is one autograd node (``_lora_function``): ``x W^T + s (x A^T) B^T`` as
-  one product plus one ``addmm_`` from one bf16 copy of its input, shared by the layers that
-  read the same input (q, k, v; gate, up), and in the backward pass the LoRA term added
-  inside the input gradient's product, instead of peft's separate casts, scaling and sums;
+- the LoRA layers that read the same input (q, k, v; gate, up: found in a forward pass of
+  two tokens, ``_same_input``) are one autograd node (``_lora_function``): their frozen
+  weights side by side in one product, their A matrices stacked in another, their B
+  matrices (block-diagonal) in one ``addmm_``; in the backward pass the LoRA term is added
+  inside the input gradient's product. peft computes each layer as five to seven nodes, with
+  casts, scaling and sums; a layer that shares its input with none is a node of its own;
 - attention runs in float32 (the CPU's bf16 attention backward is slower than float32 at
   fine-tuning lengths).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 import threading
 from dataclasses import dataclass
@@ -75,7 +78,8 @@ class Precision:
         dtype = getattr(torch, self.compute)
         causal = model.get_base_model() if hasattr(model, "get_base_model") else model
         adapters = [m for m in model.modules() if hasattr(m, "get_base_layer") and hasattr(m, "lora_A")]
-        lean = [m for m in adapters if _plain_lora(m) and not m.get_base_layer().weight.requires_grad]
+        lean = [m for m in adapters if _plain_lora(m) and not any(p.requires_grad for p in m.get_base_layer().parameters())]
+        groups = _same_input(causal, lean)  # before anything below changes the model
         frozen = [m.get_base_layer() for m in adapters if m not in lean] + [causal.get_output_embeddings()]
         kept = [(layer, layer.weight) for layer in frozen if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad]
         attention = causal.config._attn_implementation
@@ -84,9 +88,10 @@ class Precision:
         casting = [(m, m.cast_input_dtype_enabled) for m in adapters if hasattr(m, "cast_input_dtype_enabled")]
         for m, _ in casting:
             m.cast_input_dtype_enabled = False  # autocast casts; peft need not cast each input
-        shared = _SharedCast(dtype)
-        for layer in lean:  # their frozen weights only in the lean forward's layout
-            layer.forward = functools.partial(_lora_forward, layer, shared, _frozen(layer.get_base_layer().weight, dtype, training))
+        for group in groups:  # their frozen weights only in the lean forward's layout
+            adapted = _Adapted(group, dtype, training)
+            for index, layer in enumerate(group):
+                layer.forward = functools.partial(adapted.forward, index)
         if attention == "sdpa":
             causal.set_attn_implementation(_float32_sdpa())
         try:
@@ -99,7 +104,6 @@ class Precision:
                 del layer.forward
             for m, enabled in casting:
                 m.cast_input_dtype_enabled = enabled
-            shared.last = None
             if attention == "sdpa":
                 causal.set_attn_implementation(attention)
 
@@ -135,23 +139,6 @@ def cpu_bf16_flags() -> tuple[str, ...]:
     return tuple(flag for flag in NATIVE_BF16 if capabilities.get(flag)) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
 
 
-class _SharedCast(threading.local):
-    """The bf16 copy of the last input cast: q, k and v (gate and up) read the same tensor,
-    so it is cast and kept for the backward pass once, not once per layer. One per thread
-    (``pack.backward`` may run shards of a batch side by side)."""
-
-    def __init__(self, dtype):
-        self.dtype, self.last = dtype, None
-
-    def __call__(self, x):
-        if x.dtype == self.dtype:
-            return x
-        last = self.last
-        if last is None or last[0] is not x or last[1] != x._version:  # not changed in place since
-            last = self.last = (x, x._version, x.to(self.dtype))
-        return last[2]
-
-
 def _plain_lora(layer) -> bool:
     """A LoRA layer with one active adapter, unmerged, without dropout or DoRA, on a linear layer."""
     import torch
@@ -164,12 +151,69 @@ def _plain_lora(layer) -> bool:
     )
 
 
-def _lora_forward(layer, cast, weights, x, *args, **kwargs):
-    """``x W^T + b + s (x A^T) B^T`` from one bf16 copy of ``x`` (``_lora_function``);
-    ``weights``: the frozen W for the product and for the input gradient (``_frozen``)."""
-    name = layer.active_adapters[0]
-    lora = (layer.lora_A[name].weight, layer.lora_B[name].weight)
-    return _lora_function().apply(cast(x), *lora, *weights, layer.get_base_layer().bias, layer.scaling[name])
+def _same_input(model, layers) -> list[list]:
+    """``layers`` in groups that read the same input: the layers called one after another on
+    the same tensor in a forward pass of two tokens (q, k, v; gate, up) form a group, each
+    other layer (or every layer, if that pass fails) stands alone."""
+    import torch
+
+    calls = []
+
+    def record(layer, forward, x, *args, **kwargs):
+        calls.append((layer, x))
+        return forward(x, *args, **kwargs)
+
+    for layer in layers:
+        layer.forward = functools.partial(record, layer, layer.forward)
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros((1, 2), dtype=torch.long, device=model.device), use_cache=False)
+    except Exception:  # an architecture that needs more than input ids: no groups
+        calls = []
+    finally:
+        for layer in layers:
+            del layer.forward
+    groups, seen = [], set()
+    for layer, x in calls:
+        if layer not in seen:
+            if groups and groups[-1][1] is x:
+                groups[-1][0].append(layer)
+            else:
+                groups.append(([layer], x))
+            seen.add(layer)
+    return [group for group, _ in groups] + [[layer] for layer in layers if layer not in seen]
+
+
+class _Adapted:
+    """LoRA layers that read the same input (``_same_input``) computed as one autograd node
+    (``_lora_function``), from one ``dtype`` copy of the input: the first layer called
+    computes every layer's output, the others take theirs (per thread: ``pack.backward``
+    may run shards of a batch side by side). ``packed``: see ``_frozen``."""
+
+    def __init__(self, layers, dtype, packed: bool):
+        import torch
+
+        base = [layer.get_base_layer() for layer in layers]
+        self.layers, self.dtype, self.sizes = layers, dtype, tuple(b.out_features for b in base)
+        self.weights = _frozen(torch.cat([b.weight.detach() for b in base]), dtype, packed)
+        biases = [b.bias.detach() if b.bias is not None else torch.zeros(b.out_features) for b in base]
+        self.bias = torch.cat(biases).to(dtype) if any(b.bias is not None for b in base) else None
+        self.pending = threading.local()  # (input, its version, {index: output}) not yet taken
+
+    def forward(self, index, x, *args, **kwargs):
+        pending = getattr(self.pending, "outputs", None)
+        if pending is not None and pending[0] is x and pending[1] == x._version and index in pending[2]:
+            out = pending[2].pop(index)
+            if not pending[2]:
+                self.pending.outputs = None
+            return out
+        names = [layer.active_adapters[0] for layer in self.layers]
+        lora = [layer.lora_A[n].weight for layer, n in zip(self.layers, names)] + [layer.lora_B[n].weight for layer, n in zip(self.layers, names)]
+        scales = tuple(layer.scaling[n] for layer, n in zip(self.layers, names))
+        outputs = dict(enumerate(_lora_function().apply(x.to(self.dtype), *self.weights, self.bias, self.sizes, scales, *lora)))
+        out = outputs.pop(index)
+        self.pending.outputs = (x, x._version, outputs) if outputs else None
+        return out
 
 
 def _frozen(weight, dtype, packed: bool = True) -> tuple:
@@ -193,31 +237,38 @@ def _lora_function():
         """``x weight^T + bias`` for a plain or a oneDNN-packed ``weight``."""
         if weight.is_mkldnn:
             return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return torch.nn.functional.linear(x, weight.to(x.dtype), bias)
+        return torch.nn.functional.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
 
     class LoRALinear(torch.autograd.Function):
-        """A LoRA layer as one autograd node: ``x W^T + b + s (x A^T) B^T`` and its input, A and
-        B gradients, the LoRA terms added inside the products (``addmm_``)."""
+        """LoRA layers that read the same input as one node: ``x W_i^T + b_i + s_i (x A_i^T) B_i^T``
+        for each layer i, as ``x W^T + b + (x A^T) B^T`` with the W_i and b_i side by side, the
+        A_i stacked and the s_i B_i block-diagonal, and the input, A and B gradients, the LoRA
+        terms added inside the products (``addmm_``)."""
 
         @staticmethod
-        def forward(ctx, x, lora_a, lora_b, weight, transposed, bias, scale):
+        def forward(ctx, x, weight, transposed, bias, sizes, scales, *lora):
+            count = len(sizes)
             flat = x.reshape(-1, x.shape[-1])
-            a, b = lora_a.to(x.dtype), lora_b.to(x.dtype)
+            a = torch.cat(lora[:count]).to(x.dtype)
+            b = torch.block_diag(*(m * s for m, s in zip(lora[count:], scales))).to(x.dtype)
             low = flat @ a.t()
-            out = product(flat, weight, None if bias is None else bias.to(x.dtype)).addmm_(low, b.t(), alpha=scale)
+            out = product(flat, weight, bias).addmm_(low, b.t())
             ctx.save_for_backward(flat, low, a, b)
-            ctx.transposed, ctx.scale, ctx.dtype, ctx.shape = transposed, scale, lora_a.dtype, x.shape
-            return out.view(*x.shape[:-1], out.shape[-1])
+            ctx.transposed, ctx.sizes, ctx.scales, ctx.shape = transposed, sizes, scales, x.shape
+            ctx.ranks, ctx.dtype = [m.shape[0] for m in lora[:count]], lora[0].dtype
+            return tuple(o.view(*x.shape[:-1], o.shape[-1]) for o in out.split(sizes, 1))
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx, *grads):
             flat, low, a, b = ctx.saved_tensors
-            grad = grad.reshape(-1, grad.shape[-1]).to(flat.dtype)
-            grad_low = (grad @ b).mul_(ctx.scale)
+            grad = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads], 1).to(flat.dtype)
+            grad_low = grad @ b
             grad_x = product(grad, ctx.transposed).addmm_(grad_low, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
-            grad_a = (grad_low.t() @ flat).to(ctx.dtype)
-            grad_b = (grad.t() @ low).mul_(ctx.scale).to(ctx.dtype)
-            return grad_x, grad_a, grad_b, None, None, None, None
+            grad_a = (grad_low.t() @ flat).to(ctx.dtype).split(ctx.ranks)
+            grad_b = grad.t() @ low  # its diagonal blocks (one per layer) are the B gradients / s
+            rows, cols = (list(itertools.accumulate(n, initial=0)) for n in (ctx.sizes, ctx.ranks))
+            grad_b = [grad_b[rows[i]:rows[i + 1], cols[i]:cols[i + 1]].to(ctx.dtype, copy=True).mul_(s) for i, s in enumerate(ctx.scales)]
+            return grad_x, None, None, None, None, None, *grad_a, *grad_b
 
     return LoRALinear
 
