@@ -261,7 +261,8 @@ def _lora_function():
         @staticmethod
         def backward(ctx, *grads):
             flat, low, a, b = ctx.saved_tensors
-            grad = torch.cat([g.reshape(-1, g.shape[-1]) for g in grads], 1).to(flat.dtype)
+            grads = [g.reshape(-1, g.shape[-1]) for g in grads]
+            grad = (torch.cat(grads, 1) if len(grads) > 1 else grads[0]).to(flat.dtype)
             grad_low = grad @ b
             grad_x = product(grad, ctx.transposed).addmm_(grad_low, a).view(ctx.shape) if ctx.needs_input_grad[0] else None
             grad_a = (grad_low.t() @ flat).to(ctx.dtype).split(ctx.ranks)
