@@ -87,8 +87,8 @@ def test_the_lean_lora_forward_is_peft_lora_with_its_scaling():
                 t.grad = None
             return [out.detach().float() for out in outs] + grads
 
-        def lean(dtype, packed=True):
-            pair, down = precision._Adapted(layers, dtype, packed), precision._Adapted([mlp.down_proj], dtype, packed)
+        def lean(dtype):  # bf16: W packed for oneDNN, as in training
+            pair, down = precision._Adapted(layers, dtype, True), precision._Adapted([mlp.down_proj], dtype, True)
             return [functools.partial(pair.forward, 0), functools.partial(pair.forward, 1), functools.partial(down.forward, 0)]
 
         peft = run(layers + [mlp.down_proj])
