@@ -15,6 +15,7 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
+from unittest import mock
 from typing import Iterator
 
 from .errors import NbCustomError
@@ -87,8 +88,9 @@ def load_llm(path: Path, device: str = "cpu", dtype: str = "float32"):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
+        with quiet():
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -164,19 +166,23 @@ def _gguf_file() -> Path | None:
 def _convert_gguf(gguf: Path, target: Path) -> Path:
     """Dequantize the GGUF once into a safetensors folder with a corrected tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, modeling_gguf_pytorch_utils
 
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    fix_chat_tokenizer(tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # transformers' GGUF reader shows a tqdm bar of its own, which its progress-bar switch
+    # does not reach: in a notebook it would stay in the cell's output
+    with quiet(), mock.patch.object(modeling_gguf_pytorch_utils, "tqdm", lambda items, **_: items):
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        fix_chat_tokenizer(tokenizer)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     eos, pad = tokenizer.convert_tokens_to_ids([tokenizer.eos_token, tokenizer.pad_token])
     model.config.eos_token_id = model.generation_config.eos_token_id = eos
     model.config.pad_token_id = model.generation_config.pad_token_id = pad
     model.config.name_or_path = ALIASES[DEFAULT_LLM]
     staging = target.parent / f".{target.name}-{uuid.uuid4().hex[:8]}"
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        with quiet():
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
         if target.exists():  # another kernel converted it meanwhile
             return target
         os.rename(staging, target)

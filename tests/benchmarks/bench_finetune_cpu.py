@@ -153,7 +153,7 @@ def main() -> None:
     from nbcustom.engines.llm import precision
 
     print(f"machine: {platform.machine()}, {cpu_model()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, torch {torch.__version__}")
-    print(f"native bf16: {', '.join(precision.cpu_bf16_flags()) or 'none'}; nbcustom --precision auto -> {precision.choose('cpu').name}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print(f"native bf16: {', '.join(precision.cpu_features().native_bf16) or 'none'}; nbcustom --precision auto -> {precision.choose('cpu').name}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.steps} steps of {args.batch_size} examples, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, SmolLM2-135M-Instruct; each side's fastest of {args.repeat} runs")
     verdicts = []
     for data in args.data:

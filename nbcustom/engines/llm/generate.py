@@ -45,17 +45,17 @@ def adapted(model, adapter_dir=None, config=None, trainable: bool = False) -> It
     from peft import PeftModel, get_peft_model
 
     _strip(model)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if adapter_dir is not None:
-            peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
-        else:
-            peft_model = get_peft_model(model, config)
     try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if adapter_dir is not None:
+                peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+            else:
+                peft_model = get_peft_model(model, config)
         yield peft_model
-    finally:
         peft_model.unload()
-        _settle(model)
+    finally:
+        _strip(model)  # also after a failure half-way through attaching or unloading
 
 
 def _strip(model) -> None:

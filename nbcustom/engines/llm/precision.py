@@ -67,7 +67,11 @@ class Precision:
         docstring) and peft's input casts off; elsewhere nothing changes. No autocast cast
         cache: it would keep the LoRA weights' bf16 copies from before each update.
         ``training=False`` (``%%predict``): the frozen weights are not packed for oneDNN,
-        which costs 0.3 s and did not make generation faster."""
+        which costs 0.3 s and did not make generation faster; nor are they where the CPU
+        cannot (``cpu_features().packs_bf16``).
+
+        Every change is undone on every exit, a failure half-way through the set-up
+        included: each one's undo is armed before it is made."""
         if self.compute == self.weights:
             yield model
             return
@@ -81,31 +85,50 @@ class Precision:
         lean = [m for m in adapters if _plain_lora(m) and not any(p.requires_grad for p in m.get_base_layer().parameters())]
         groups = _same_input(causal, lean)  # before anything below changes the model
         frozen = [m.get_base_layer() for m in adapters if m not in lean] + [causal.get_output_embeddings()]
-        kept = [(layer, layer.weight) for layer in frozen if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad]
         attention = causal.config._attn_implementation
-        for layer, weight in kept:
-            layer.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
-        casting = [(m, m.cast_input_dtype_enabled) for m in adapters if hasattr(m, "cast_input_dtype_enabled")]
-        for m, _ in casting:
-            m.cast_input_dtype_enabled = False  # autocast casts; peft need not cast each input
-        for group in groups:  # their frozen weights only in the lean forward's layout
-            adapted = _Adapted(group, dtype, training)
-            for index, layer in enumerate(group):
-                layer.forward = functools.partial(adapted.forward, index)
-        if attention == "sdpa":
-            causal.set_attn_implementation(_float32_sdpa())
-        try:
-            with torch.autocast(self.device, dtype=dtype, cache_enabled=False):
-                yield model
-        finally:
-            for layer, weight in kept:
-                layer.weight = weight
-            for layer in lean:
-                del layer.forward
-            for m, enabled in casting:
-                m.cast_input_dtype_enabled = enabled
+        with contextlib.ExitStack() as undo:
+            for layer in frozen:
+                if isinstance(layer, torch.nn.Linear) and not layer.weight.requires_grad:
+                    undo.callback(setattr, layer, "weight", layer.weight)
+                    layer.weight = torch.nn.Parameter(layer.weight.detach().to(dtype), requires_grad=False)
+            for m in adapters:
+                if hasattr(m, "cast_input_dtype_enabled"):
+                    undo.callback(setattr, m, "cast_input_dtype_enabled", m.cast_input_dtype_enabled)
+                    m.cast_input_dtype_enabled = False  # autocast casts; peft need not cast each input
+            for group in groups:  # their frozen weights only in the lean forward's layout
+                adapted = _Adapted(group, dtype, training)
+                for index, layer in enumerate(group):
+                    undo.callback(vars(layer).pop, "forward", None)
+                    layer.forward = functools.partial(adapted.forward, index)
             if attention == "sdpa":
-                causal.set_attn_implementation(attention)
+                undo.callback(causal.set_attn_implementation, attention)
+                causal.set_attn_implementation(_float32_sdpa())
+            undo.enter_context(torch.autocast(self.device, dtype=dtype, cache_enabled=False))
+            yield model
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    """What this CPU offers the bf16 paths, decided once (``cpu_features``): ``native_bf16``,
+    the features that multiply bf16 natively (empty: bf16 is emulated, slower than float32);
+    ``packs_bf16``, whether oneDNN can reorder bf16 weights into its blocked layout (it needs
+    avx512bw/vl/dq or avx_ne_convert, and crashes without); ``capability``, the kernels
+    PyTorch dispatches to (``torch.backends.cpu.get_cpu_capability()``: AVX2, AVX512, ...)."""
+
+    native_bf16: tuple[str, ...]
+    packs_bf16: bool
+    capability: str
+
+
+@functools.cache
+def cpu_features() -> CPUFeatures:
+    """This CPU's ``CPUFeatures`` (tests patch this function to stand in for another CPU)."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    packs = bool(getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)) and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = tuple(flag for flag in NATIVE_BF16 if capabilities.get(flag)) if packs else ()
+    return CPUFeatures(native, packs, torch.backends.cpu.get_cpu_capability())
 
 
 def choose(device: str, asked: str = "auto") -> Precision:
@@ -121,22 +144,15 @@ def choose(device: str, asked: str = "auto") -> Precision:
 
             raise NbCustomError("--precision bf16: this GPU has no bfloat16; use --precision auto (float16) or fp32")
         return Precision(device, half, half, "the GPU's half precision" if asked == "auto" else "asked for (--precision bf16)")
-    flags = cpu_bf16_flags()
-    has = f"this CPU has {' and '.join(flags)}" if flags else "this CPU has no native bf16 (no amx_bf16 or avx512_bf16)"
+    cpu = cpu_features()
+    flags = cpu.native_bf16
+    has = f"this CPU has {' and '.join(flags)}" if flags else f"this CPU ({cpu.capability}) has no native bf16 (no amx_bf16 or avx512_bf16)"
     if asked == "fp32":
         return Precision(device, "float32", "float32", f"asked for (--precision fp32; {has})")
     if asked == "bf16":
-        return Precision(device, "float32", "bfloat16", f"asked for (--precision bf16; {has}{'' if flags else ': emulated, slow'})")
+        slow = "" if flags else ": emulated, slower than fp32" + ("" if cpu.packs_bf16 else ", weights not packed for oneDNN")
+        return Precision(device, "float32", "bfloat16", f"asked for (--precision bf16; {has}{slow})")
     return Precision(device, "float32", "bfloat16" if flags else "float32", has)
-
-
-@functools.cache
-def cpu_bf16_flags() -> tuple[str, ...]:
-    """The CPU features that make bf16 matrix products native (empty: none)."""
-    import torch
-
-    capabilities = torch.cpu.get_capabilities()
-    return tuple(flag for flag in NATIVE_BF16 if capabilities.get(flag)) if torch.ops.mkldnn._is_mkldnn_bf16_supported() else ()
 
 
 def _plain_lora(layer) -> bool:
@@ -218,14 +234,14 @@ class _Adapted:
 
 def _frozen(weight, dtype, packed: bool = True) -> tuple:
     """A frozen weight W in ``dtype`` twice: for ``x W^T`` and, as W^T, for the input gradient
-    ``g W``; if ``packed``, each one reordered once into oneDNN's blocked layout where torch
-    has it (a training step's products then skip the reorder they would do at every call)."""
+    ``g W``; if ``packed``, each one reordered once into oneDNN's blocked layout where the CPU
+    allows it (a training step's products then skip the reorder they would do at every call)."""
     import torch
 
     weight = weight.detach().to(dtype)
-    pack = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
-    if not packed or pack is None or dtype != torch.bfloat16:
+    if not packed or dtype != torch.bfloat16 or not cpu_features().packs_bf16:
         return weight, weight.t()
+    pack = torch.ops.mkldnn._reorder_linear_weight
     return pack(weight), pack(weight.t().contiguous())
 
 
