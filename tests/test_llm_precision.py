@@ -15,9 +15,11 @@ from nbcustom.engines.llm import precision
 OPTIONS = {"max_steps": 4, "lr": 2e-3, "eval_frac": 0.2, "max_new_tokens": 12, "system": llm_task.SYSTEM, "ui": "none"}
 
 
-# A CPU without native bf16 and without oneDNN's bf16 weight packing (an AVX2-only CPU, as
-# an AMD EPYC without AVX-512 or most laptops): patched in to run the fallback on every CPU.
+# Other CPUs, patched in (``precision.cpu_features``) to run their paths on every CPU: one
+# without native bf16 or oneDNN's bf16 weight packing (an AVX2-only CPU, as an AMD EPYC
+# without AVX-512, or most laptops), and one with native bf16 whose oneDNN cannot pack.
 AVX2_ONLY = precision.CPUFeatures(native_bf16=(), packs_bf16=False, capability="AVX2")
+UNPACKED_BF16 = precision.CPUFeatures(native_bf16=("avx512_bf16",), packs_bf16=False, capability="AVX512")
 NO_PACKING = "this CPU cannot pack bf16 weights for oneDNN (it needs avx512bw, avx512vl and avx512dq, or avx_ne_convert)"
 
 
@@ -39,20 +41,28 @@ def test_auto_is_bf16_exactly_where_the_cpu_multiplies_bf16_natively():
     assert (forced.name, forced.compute) == ("fp32", "float32") and "--precision fp32" in forced.why
 
 
-def test_on_a_cpu_without_native_bf16_auto_is_fp32_and_bf16_says_it_is_emulated(avx2_only):
-    auto, forced = precision.choose("cpu", "auto"), precision.choose("cpu", "bf16")
+def test_on_a_cpu_without_native_bf16_auto_is_fp32_and_bf16_is_one_line_naming_the_features(avx2_only, ip, store_dir):
+    from conftest import snapshot
+    from nbcustom.errors import NbCustomError
+
+    auto = precision.choose("cpu", "auto")
     assert auto.name == "fp32" and "AVX2" in auto.why and "no native bf16" in auto.why
-    assert forced.name == "bf16" and "emulated, slower than fp32, weights not packed for oneDNN" in forced.why
+    replayed = precision.choose("cpu", "bf16", strict=False)  # %%predict of a version trained in bf16 elsewhere
+    assert replayed.name == "fp32" and "trained in bf16" in replayed.why
+    ip.user_ns["fmt_rows"] = llm_task.rows(12)
+    with pytest.raises(NbCustomError, match="needs a CPU with amx_bf16 or avx512_bf16.*use --precision auto or fp32") as error:
+        ip.run_cell_magic("finetune", "fmt --precision bf16", "SELECT * FROM fmt_rows")
+    assert "\n" not in str(error.value) and snapshot(store_dir) == {}
 
 
-@pytest.mark.parametrize("cpu", ["this CPU, oneDNN-packed weights", "an AVX2-only CPU, plain bf16 weights"])
+@pytest.mark.parametrize("cpu", ["this CPU, oneDNN-packed weights", "a CPU that cannot pack, plain bf16 weights"])
 def test_a_cpu_bf16_run_computes_in_bf16_and_leaves_the_shared_base_model_as_it_was(cpu, monkeypatch):
     import torch
 
     if cpu.startswith("this") and not precision.cpu_features().packs_bf16:
         pytest.skip(NO_PACKING)
-    if cpu.startswith("an AVX2"):
-        monkeypatch.setattr(precision, "cpu_features", lambda: AVX2_ONLY)
+    if cpu.startswith("a CPU that cannot"):
+        monkeypatch.setattr(precision, "cpu_features", lambda: UNPACKED_BF16)
     packed = precision.cpu_features().packs_bf16
 
     from nbcustom import models

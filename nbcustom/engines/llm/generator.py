@@ -45,7 +45,7 @@ class Generator:
     @functools.cached_property
     def _run_on(self):
         """Where and in which precision this version computes (decided once)."""
-        return device_for("auto", self.precision)
+        return device_for("auto", self.precision, strict=False)
 
     def generate(self, prompts: list[str], max_new_tokens: int | None = None, system: str | list | None = None) -> list[str]:
         """Greedy completions of ``prompts`` (chat template with the version's system message)."""

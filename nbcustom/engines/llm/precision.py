@@ -131,17 +131,21 @@ def cpu_features() -> CPUFeatures:
     return CPUFeatures(native, packs, torch.backends.cpu.get_cpu_capability())
 
 
-def choose(device: str, asked: str = "auto") -> Precision:
-    """The precision of a run on ``device`` ("cpu" or "cuda") for ``--precision asked``."""
+def choose(device: str, asked: str = "auto", strict: bool = True) -> Precision:
+    """The precision of a run on ``device`` ("cpu" or "cuda") for ``--precision asked``.
+
+    bf16 on a CPU without native bf16 would be emulated, about 25x slower than float32
+    (tests/benchmarks/RESULTS.md): asked for, it is refused with one line; replayed
+    (``strict=False``: ``%%predict`` of a version trained in bf16 elsewhere), it is float32."""
     import torch
+
+    from ...errors import NbCustomError
 
     if device == "cuda":
         half = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
         if asked == "fp32":
             return Precision(device, "float32", "float32", "asked for (--precision fp32)")
         if asked == "bf16" and half != "bfloat16":
-            from ...errors import NbCustomError
-
             raise NbCustomError("--precision bf16: this GPU has no bfloat16; use --precision auto (float16) or fp32")
         return Precision(device, half, half, "the GPU's half precision" if asked == "auto" else "asked for (--precision bf16)")
     cpu = cpu_features()
@@ -149,9 +153,15 @@ def choose(device: str, asked: str = "auto") -> Precision:
     has = f"this CPU has {' and '.join(flags)}" if flags else f"this CPU ({cpu.capability}) has no native bf16 (no amx_bf16 or avx512_bf16)"
     if asked == "fp32":
         return Precision(device, "float32", "float32", f"asked for (--precision fp32; {has})")
+    if asked == "bf16" and not flags:
+        if strict:
+            raise NbCustomError(
+                f"--precision bf16 needs a CPU with amx_bf16 or avx512_bf16; this one ({cpu.capability}) would emulate bf16 "
+                "about 25x slower than fp32: use --precision auto or fp32"
+            )
+        return Precision(device, "float32", "float32", f"trained in bf16; {has}: fp32")
     if asked == "bf16":
-        slow = "" if flags else ": emulated, slower than fp32" + ("" if cpu.packs_bf16 else ", weights not packed for oneDNN")
-        return Precision(device, "float32", "bfloat16", f"asked for (--precision bf16; {has}{slow})")
+        return Precision(device, "float32", "bfloat16", f"asked for (--precision bf16; {has})")
     return Precision(device, "float32", "bfloat16" if flags else "float32", has)
 
 

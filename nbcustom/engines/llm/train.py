@@ -329,13 +329,14 @@ def _base_name(spec, previous) -> str | None:
     return was.get("name")
 
 
-def device_for(choice: str, precision: str = "auto") -> llm_precision.Precision:
-    """The device (CUDA when present or asked for, else CPU) and the precision of a run there."""
+def device_for(choice: str, precision: str = "auto", strict: bool = True) -> llm_precision.Precision:
+    """The device (CUDA when present or asked for, else CPU) and the precision of a run there
+    (``strict``: see ``precision.choose``)."""
     import torch
 
     if choice == "cuda" and not torch.cuda.is_available():
         raise NbCustomError("--device cuda: no CUDA GPU is visible to this kernel; use --device cpu")
-    return llm_precision.choose("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu", precision)
+    return llm_precision.choose("cuda" if choice in ("auto", "cuda") and torch.cuda.is_available() else "cpu", precision, strict)
 
 
 _TOKENIZERS: dict[str, object] = {}
