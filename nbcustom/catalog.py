@@ -11,7 +11,7 @@ from .store import Store, parse_ref, parse_version
 
 USAGE = (
     "use: list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | "
-    "compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs | job NAME --every 10m ..."
+    "compare NAME V1 V2 | runs [NAME] | check [NAME] [--repair] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs | job NAME --every 10m ..."
 )
 
 
@@ -115,6 +115,30 @@ def runs(store: Store, name: str | None = None):
     return pd.DataFrame(store.runs(name))
 
 
+def check(store: Store, *args: str):
+    """check [NAME] [--repair]: what is wrong in the store, as a table (what --repair did in
+    its last column); a line when nothing is."""
+    import pandas as pd
+
+    name, repair = check_args(args)
+    findings = store.check(name, repair=repair)
+    if not findings:
+        return no_problems(store, name)
+    return pd.DataFrame([vars(f) for f in findings], columns=["problem", "what", "detail", "repaired"])
+
+
+def check_args(args) -> tuple[str | None, bool]:
+    names = [a for a in args if a != "--repair"]
+    if len(names) > 1 or any(a.startswith("-") for a in names):
+        raise NbCustomError(f"use check [NAME] [--repair], not check {' '.join(args)}")
+    return (parse_ref(names[0])[0] if names else None), "--repair" in args
+
+
+def no_problems(store: Store, name: str | None = None) -> str:
+    versions = sum(m["versions"] for m in store.models() if name in (None, m["name"]))
+    return f"no problems in {store.root}{f' for {name}' if name else ''}: {versions} versions, every checksum verified"
+
+
 def export(store: Store, ref: str, *options: str) -> str:
     """export NAME[@V] --format merged|gguf|ollama|deployment|parquet --to DIR [--quant f16|q8_0] [--refit]"""
     from . import api, flags
@@ -133,5 +157,6 @@ _COMMANDS = {
     "rm": remove,
     "compare": compare,
     "runs": runs,
+    "check": check,
     "export": export,
 }

@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     for verb in ("list", "show", "versions", "activate", "rm", "compare", "runs"):
         sp = sub.add_parser(verb, help=f"%%nbc {verb}")  # argparse %-formats help: %% is a literal %
         sp.add_argument("args", nargs="*")
+    sp = sub.add_parser("check", help="%%nbc check: checksums of every version, orphan folders, leftovers, the catalog; exit 1 if something is wrong")
+    sp.add_argument("name", nargs="?", help="only this model (store-wide problems are still shown)")
+    sp.add_argument("--repair", action="store_true", help="fix what the folders say how to fix; a version that fails its checksums is only reported")
     sp = sub.add_parser("export", help="%%nbc export NAME[@V] --format F --to DIR: a version in a format other tools load")
     sp.add_argument("args", nargs=argparse.REMAINDER)
     sp = sub.add_parser("predict", help="predict with NAME on the rows of a SQL query")
@@ -47,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return _jobs(args, store)
         if args.command == "drift":
             return _drift(args, store)
+        if args.command == "check":
+            return _check(args, store)
         result = catalog.command(store, shlex.join([args.command, *args.args]))
     except NbCustomError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -73,6 +78,19 @@ def _predict(args, store: Store) -> int:
     else:
         print(result.to_string(index=False))
     return 0
+
+
+def _check(args, store: Store) -> int:
+    """One line a finding (with what --repair did); 1 if anything is left wrong."""
+    findings = store.check(args.name, repair=args.repair)
+    for finding in findings:
+        print(finding.line())
+    if not findings:
+        print(catalog.no_problems(store, args.name))
+    left = [f for f in findings if f.repaired is None]
+    if left and not args.repair:
+        print("nbcustom check --repair fixes what the version folders say how to fix")
+    return 1 if left else 0
 
 
 def _drift(args, store: Store) -> int:
