@@ -1,8 +1,9 @@
 """The folders are the truth: a catalog that does not open is rebuilt from them with one
 line; reads open the catalog read-only; writers and readers in several processes."""
 
+import contextlib
 import datetime as dt
-import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import duckdb
 import pytest
 
-from nbcustom.store import Store
+from nbcustom.store import ReadOnlyStore, Store
 from test_store import save
 
 BLOCK = 262144  # DuckDB's block size: one flipped byte in each block breaks every block's checksum
@@ -60,7 +61,7 @@ def test_a_catalog_that_does_not_open_is_rebuilt_with_one_line(ip, store_dir, ca
     listing = ip.run_line_magic("nbc", "list")
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    assert err[0].startswith("nbcustom: catalog.duckdb: broken catalog: catalog.duckdb did not open: "), err[0]
+    assert err[0].startswith("nbcustom: catalog.duckdb: broken catalog: does not open ("), err[0]
     assert "moved it aside as catalog.duckdb.broken-" in err[0] and "rebuilt it from the version folders: 2 models, 5 versions;" in err[0]
     assert err[0].endswith(("lost: 1 jobs, 1 runs that made no version", "(the broken file cannot be read to count them)")), err[0]
     assert len(list(store_dir.glob("catalog.duckdb.broken-*"))) == 1
@@ -138,6 +139,48 @@ def test_a_read_only_store_lists_and_loads(store_dir):
     finally:
         store_dir.chmod(stat.S_IRWXU)
         catalog.chmod(0o644)
+
+
+@contextlib.contextmanager
+def _immutable(*paths):
+    """``chattr +i``: no one, root included, may change these files (in a folder: add, remove
+    or rename an entry). Tests run as root here, for whom permission bits stop nothing."""
+    names = [str(p) for p in paths]
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", *names], capture_output=True).returncode != 0:
+        subprocess.run(["chattr", "-i", *names], capture_output=True)
+        pytest.skip("chattr +i is not available here")
+    try:
+        yield
+    finally:
+        subprocess.run(["chattr", "-i", *names], check=True)
+
+
+def test_a_store_no_one_may_write_lists_and_loads_and_refuses_changes(store_dir):
+    store = Store(store_dir)
+    save(store, "m")
+    save(store, "m")
+    with _immutable(store_dir, store_dir / "catalog.duckdb"):
+        assert [m["name"] for m in store.models()] == ["m"] and store.get("m", 1).version == 1
+        assert store.check() == []
+        for change in (lambda: store.activate("m", 1), lambda: save(store, "m"), lambda: store.check(repair=True)):
+            with pytest.raises(ReadOnlyStore, match="is read-only for you"):
+                change()
+    assert store.active_version("m") == 2 and not (store_dir / ".staging").exists()
+
+
+def test_a_broken_catalog_in_a_store_no_one_may_write_is_read_from_the_folders(store_dir, capsys):
+    store = _store_with_history(store_dir)
+    _flip_every_block(store_dir / "catalog.duckdb")
+    data = (store_dir / "catalog.duckdb").read_bytes()
+    with _immutable(store_dir, store_dir / "catalog.duckdb"):
+        capsys.readouterr()
+        assert {m["name"]: m["active"] for m in store.models()} == {"m": 1, "n": 2}
+        assert store.get("n").model_dir.joinpath("index.bin").read_bytes() == b"index"
+        assert [r["version"] for r in store.versions("m")] == [1, 2, 3]
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and "does not open and the store is read-only for you: read 2 models, 5 versions" in err[0], err
+        assert [f.problem for f in store.check()] == ["broken catalog"]
+    assert (store_dir / "catalog.duckdb").read_bytes() == data and not list(store_dir.glob("*.broken-*"))
 
 
 _WRITER = """

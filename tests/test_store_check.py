@@ -110,3 +110,17 @@ def test_a_clean_repair_exits_zero(store_dir):
     assert out.returncode == 0 and out.stdout.startswith("m@1: missing folder"), out.stdout + out.stderr
     assert store.models()[0]["name"] == "n" and len(store.models()) == 1
     assert _cli(store_dir).returncode == 0
+
+
+def test_check_reports_a_broken_catalog_and_repair_rebuilds_it(store_dir):
+    store = Store(store_dir)
+    save(store, "m")
+    save(store, "m")
+    (store_dir / "catalog.duckdb").write_bytes(b"not a catalog")
+    out = _cli(store_dir)
+    assert out.returncode == 1 and out.stdout.startswith("catalog.duckdb: broken catalog: does not open ("), out.stdout
+    assert (store_dir / "catalog.duckdb").read_bytes() == b"not a catalog"  # check alone changes nothing
+    out = _cli(store_dir, "--repair")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "-> moved it aside as catalog.duckdb.broken-" in out.stdout and "rebuilt it from the version folders: 1 models, 2 versions" in out.stdout
+    assert [r["version"] for r in store.versions("m")] == [1, 2] and _cli(store_dir).returncode == 0

@@ -42,8 +42,12 @@ ALTER TABLE runs ADD COLUMN IF NOT EXISTS promotion VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS promote VARCHAR;
 ALTER TABLE jobs ADD COLUMN IF NOT EXISTS min_rows BIGINT;
 """
-# Errors that say nothing about the file's bytes: the file is fine, the moment or the user is not.
-_NOT_BROKEN = ("could not set lock", "conflicting lock", "permission denied", "read-only file system", "no space left", "out of memory", "interrupt")
+# What DuckDB says when the file's bytes cannot be read (seen: flipped bytes, a truncated
+# file, a file that is not DuckDB's); the errors of a lock or a permission are never that.
+_BROKEN = ("corrupt", "checksum", "not a valid duckdb", "could not read enough bytes", "version number",
+           "storage version", "serializ", "magic bytes", "unexpected end")
+_NOT_BROKEN = ("could not set lock", "conflicting lock", "permission denied", "not permitted", "read-only file system",
+               "no space left", "out of memory", "interrupt")
 
 
 def connect(path: Path):
@@ -139,14 +143,16 @@ def rows(con, sql: str, params: list) -> list[dict]:
 
 def is_broken(error: BaseException) -> bool:
     """Whether a DuckDB error means the file's bytes cannot be read (corrupt, truncated, a
-    format this DuckDB cannot read), as opposed to a lock, a permission or a bad query."""
+    format this DuckDB cannot read), as opposed to a lock, a permission or a bad query. An
+    I/O error counts only when DuckDB says so: moving a good catalog aside loses its jobs."""
     import duckdb
 
-    if type(error) not in (duckdb.Error, duckdb.IOException, duckdb.SerializationException,
-                           duckdb.InternalException, duckdb.FatalException):
-        return False
     message = str(error).lower()
-    return not any(word in message for word in _NOT_BROKEN)
+    if any(words in message for words in _NOT_BROKEN):
+        return False
+    if type(error) in (duckdb.SerializationException, duckdb.InternalException, duckdb.FatalException):
+        return True
+    return type(error) in (duckdb.Error, duckdb.IOException) and any(words in message for words in _BROKEN)
 
 
 def move_aside(path: Path) -> Path:

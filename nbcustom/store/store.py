@@ -136,13 +136,9 @@ class Store:
                 yield
                 return
         else:
-            try:
+            with self._refusing_writes():
                 self.root.mkdir(parents=True, exist_ok=True)
                 lock = open(self.root / ".lock", "a+")
-            except OSError as e:
-                if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise self._read_only(e) from None
-                raise
         with lock:
             lock_file(lock, shared=shared)
             try:
@@ -156,7 +152,8 @@ class Store:
         dead processes left. What the sweep did goes to ``findings``, else (if worth a word)
         to stderr."""
         with self._locked():
-            con = self._open(findings)
+            with self._refusing_writes():
+                con = self._open(findings)
             try:
                 self._tell(sweep(con, self.root), findings)
                 yield con
@@ -168,7 +165,7 @@ class Store:
         import duckdb
 
         if not self._file.exists() and layout.version_folders(self.root):
-            return self._rebuild(f"{db.FILE} is missing", findings)
+            return self._rebuild("is missing beside version folders", findings)
         try:
             return db.connect(self._file)
         except duckdb.Error as e:
@@ -180,7 +177,7 @@ class Store:
         broken = db.move_aside(self._file) if self._file.exists() else None
         con = db.connect(self._file)
         models, versions, runs = db.rebuild(con, self.root)
-        reason = why if isinstance(why, str) else f"{db.FILE} did not open: {str(why).splitlines()[0][:120]}"
+        reason = why if isinstance(why, str) else _does_not_open(why)
         done = (f"moved it aside as {broken.name} and " if broken else "") + \
             f"rebuilt it from the version folders: {models} models, {versions} versions; " + \
             (db.lost(broken, runs) if broken else "jobs and runs that made no version are not in the folders")
@@ -234,9 +231,19 @@ class Store:
         message = str(error).splitlines()[0]
         if db.in_use(error):
             return NbCustomError(f"the catalog {self._file} is open in another program ({message}); close it there and try again")
-        if "permission denied" in message.lower() or "read-only" in message.lower():
+        if any(words in message.lower() for words in ("permission denied", "not permitted", "read-only")):
             return self._read_only(error)
         return error
+
+    @contextlib.contextmanager
+    def _refusing_writes(self) -> Iterator[None]:
+        """A file system's 'no' to a write, as the store's one line."""
+        try:
+            yield
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise self._read_only(e) from None
+            raise
 
     def _read_only(self, error: Exception) -> ReadOnlyStore:
         return ReadOnlyStore(f"the store {self.root} is read-only for you ({error}): listing and loading work, changes need write permission")
@@ -328,12 +335,12 @@ class Store:
             except duckdb.Error as e:
                 if not db.is_broken(e):
                     raise self._refused(e) from None
-                findings.append(Finding("broken catalog", db.FILE, f"{db.FILE} does not open: {str(e).splitlines()[0][:120]}"))
+                findings.append(Finding("broken catalog", db.FILE, _does_not_open(e)))
                 con = None
             if con is None:
                 if self._file.exists() or layout.version_folders(self.root):
                     if not self._file.exists():
-                        findings.append(Finding("missing catalog", db.FILE, f"{db.FILE} is missing beside version folders"))
+                        findings.append(Finding("missing catalog", db.FILE, "is missing beside version folders"))
                     con = db.in_memory()
                     db.rebuild(con, self.root)  # so the versions' checksums are still checked
                 else:
@@ -354,7 +361,7 @@ class Store:
         """
         check_name(name)
         existed = self.root.exists()
-        with self._locked():  # a sweep never sees an entry half made
+        with self._locked(), self._refusing_writes():  # a sweep never sees an entry half made
             work = Work.begin(self.root, "build", name=name)
         build = Build(name, kind, work.path, activate=activate)
         try:
@@ -517,3 +524,6 @@ class Store:
         with self._writing() as con:
             con.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})", [job.get(c) for c in cols])
 
+
+def _does_not_open(error: Exception) -> str:
+    return f"does not open ({str(error).splitlines()[0][:120]})"
