@@ -136,7 +136,7 @@ def check_args(args) -> tuple[str | None, bool]:
 
 def no_problems(store: Store, name: str | None = None) -> str:
     versions = sum(m["versions"] for m in store.models() if name in (None, m["name"]))
-    return f"no problems in {store.root}{f' for {name}' if name else ''}: {versions} versions, every checksum verified"
+    return f"no problems in {store.root}{f' for {name}' if name else ''}: {versions} version{'s' * (versions != 1)}, every checksum verified"
 
 
 def export(store: Store, ref: str, *options: str) -> str:

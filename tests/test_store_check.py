@@ -97,7 +97,7 @@ def test_repair_from_the_notebook_and_the_api(ip, store_dir, capsys):
     assert store.versions("m")[0]["metrics"]["after"] == {"acc": 0.75}
     assert nbcustom.check(store=store_dir) == []
     ip.run_line_magic("nbc", "check")
-    assert capsys.readouterr().out.strip() == f"no problems in {store_dir}: 1 versions, every checksum verified"
+    assert capsys.readouterr().out.strip() == f"no problems in {store_dir}: 1 version, every checksum verified"
     assert _cli(store_dir, "--repair").returncode == 0
 
 

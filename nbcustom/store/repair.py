@@ -1,5 +1,5 @@
 """Bringing the catalog and the folders together: after a crash (``sweep``, run by every
-write under the store lock) and on request (``inspect``, behind ``check``).
+write under the store lock) and on request (``examine``, behind ``check``).
 
 The rules, the same for both, follow from "the folders are the truth":
 - a version folder with a valid manifest and no catalog row was committed by a process
@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import catalog_db as db
@@ -35,7 +35,7 @@ class Finding:
     what: str
     detail: str
     repaired: str | None = None
-    quiet: bool = False  # routine cleanup a write does without a word (check still lists it)
+    quiet: bool = field(default=False, repr=False)  # routine cleanup a write does without a word (check still lists it)
 
     def line(self) -> str:
         return f"{self.what}: {self.problem}: {self.detail}" + (f" -> {self.repaired}" if self.repaired else "")
@@ -63,7 +63,7 @@ def sweep(con, root: Path) -> list[Finding]:
     return findings
 
 
-def inspect(con, root: Path, name: str | None = None, repair: bool = False) -> list[Finding]:
+def examine(con, root: Path, name: str | None = None, repair: bool = False) -> list[Finding]:
     """Every version of the catalog against its folder (checksums, kind, metrics), every
     version folder against the catalog, every ``.active/NAME``; with ``repair``, fixed."""
     where, params = ("WHERE name = ?", [name]) if name else ("", [])
@@ -82,7 +82,7 @@ def inspect(con, root: Path, name: str | None = None, repair: bool = False) -> l
         if problem:
             findings.append(Finding("bad version", ref, f"{problem}: the version is refused; retrain it or remove it with %nbc rm {ref}"))
             continue
-        differs = [field for field, ours, theirs in (("kind", kind, manifest.get("kind")), ("metrics", _json(metrics), _json(manifest.get("metrics", {})))) if ours != theirs]
+        differs = [column for column, ours, theirs in (("kind", kind, manifest.get("kind")), ("metrics", _json(metrics), _json(manifest.get("metrics", {})))) if ours != theirs]
         if differs:
             finding = Finding("manifest mismatch", ref, f"the catalog's {' and '.join(differs)} differ from manifest.json")
             if repair:

@@ -30,7 +30,7 @@ class Work:
 
     path: Path
     intent: dict = field(default_factory=dict)
-    _lock: object = None
+    _lock: object = field(default=None, repr=False)  # the open lock file while this process owns the entry
 
     @property
     def lock_path(self) -> Path:

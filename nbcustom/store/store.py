@@ -31,7 +31,7 @@ from ..errors import NbCustomError
 from . import catalog_db as db
 from . import layout
 from .files import MANIFEST, checksums, fsync_dir, fsync_tree, lock_file, unlock_file
-from .repair import Finding, finish_remove, inspect, leftover_findings, swap, sweep, sync_version
+from .repair import Finding, examine, finish_remove, leftover_findings, swap, sweep, sync_version
 from .staging import Work
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
@@ -326,7 +326,7 @@ class Store:
         findings: list = []
         if repair:
             with self._writing(findings) as con:
-                findings += inspect(con, self.root, name, repair=True)
+                findings += examine(con, self.root, name, repair=True)
             return findings
         with self._locked(shared=True):
             findings += leftover_findings(self.root)
@@ -346,7 +346,7 @@ class Store:
                 else:
                     return findings
             try:
-                findings += inspect(con, self.root, name)
+                findings += examine(con, self.root, name)
             finally:
                 con.close()
         return findings
