@@ -121,7 +121,7 @@ class NbCustom(Magics):
 
     @line_magic
     def nbc(self, line: str):
-        """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] |
+        """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | check [NAME] [--repair] |
         compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs |
         job NAME --every 10m [--track COL] [--min-rows N] [--promote if-better] [--cron] | job NAME --stop"""
         from . import catalog
