@@ -20,8 +20,9 @@ from .display import Summary, make_display
 from .engines import EXPORTS, Outcome, engine, exporter
 from .errors import NbCustomError
 from .hashing import frame_sha256
-from .specs import ExportSpec, FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
-from .store import Store, Version, check_name, parse_ref
+from .specs import AnswerSpec, ExportSpec, FinetuneSpec, PredictSpec, RagSpec, RetrainSpec
+from .store import NAME, Store, Version, check_name, parse_ref
+from .catalog import known
 
 LIBRARIES = {
     "llm": ("torch", "transformers", "peft"),
@@ -118,13 +119,14 @@ def ask(name: str, questions: str | list[str], *, top_k: int | None = None, vers
     ``search``: vector, keyword or hybrid (default: the index's); ``where``: a SQL predicate
     on the metadata columns, applied before ranking; ``llm``: the reader, a ``%%finetune``d
     LLM in the store (or a model name) instead of the index's answering model."""
+    answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm)
     questions = [questions] if isinstance(questions, str) else list(questions)
     questions = [q.strip() for q in questions if q and q.strip()]
     if not questions:
         raise NbCustomError("no question given: write one question per line under %%rag NAME --ask")
     store = _store(store)
     index = load(name, version=version, store=store, kind="rag")
-    return index.ask(questions, top_k=top_k, search=search, where=where, llm=_reader(store, llm))
+    return index.ask(questions, top_k=answering.top_k, search=answering.search, where=answering.where, llm=_reader(store, answering.llm))
 
 
 def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=None, con=None,
@@ -133,14 +135,21 @@ def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=
     ``question``, ``system``, ``prompt`` (exactly what ``ask`` gives the model, retrieved
     context included) and ``response`` (the reference ``answer``). ``%%finetune`` them, then
     answer with ``ask(..., llm=READER)`` or ``%%rag NAME --ask --llm READER``."""
+    AnswerSpec.from_options(top_k=top_k, search=search, where=where)
     rows = rows_of(qa_rows, namespace, con)
     return load(name, version=version, store=store, kind="rag").prompts(rows, top_k=top_k, search=search, where=where)
 
 
 def _reader(store: Store, llm: str | None):
     """``--llm`` at answer time: a ``%%finetune``d LLM of the store (its generator), else
-    the name of an answering model, passed on as it is."""
-    if llm is None or store.kind(llm) is None:
+    the name of an answering model (a path or Hugging Face id), found now so an unknown one
+    fails before any model loads, and passed on as it is."""
+    if llm is None:
+        return llm
+    if not NAME.fullmatch(llm) or store.kind(llm) is None:
+        from . import models
+
+        models.resolve_llm(llm)
         return llm
     if store.kind(llm) != "llm":
         raise NbCustomError(f"--llm {llm}: that is a {store.kind(llm)} model; name an LLM made by %%finetune or a model")
@@ -152,10 +161,11 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
     """RAG evaluation: the LLM alone (before) vs with retrieval (after), recorded with the
     active version (``metrics.before/after`` in its manifest and ``eval.parquet``).
     ``search``, ``where`` and ``llm`` as for ``ask``; both sides use the same reader."""
+    AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm)
     store = _store(store)
-    current = store.get(check_name(name))
+    current = store.get(known(store, name))
     if current.kind != "rag":
-        raise NbCustomError(f"{name} is a {current.kind} model: --eval is for RAG indexes")
+        raise NbCustomError(f"{name} is a {current.kind} model: --eval is for RAG indexes; name an index made by %%rag")
     rows = rows_of(data, namespace, con)
     reader = _reader(store, llm)
     display = make_display(ui or default_ui(), f"%%rag {name} --eval")
@@ -178,14 +188,14 @@ def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
     """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
     spec = PredictSpec.from_options(**options)
     rows = rows_of(data, namespace, con)
-    current = _store(store).get(check_name(name), spec.version)
+    store = _store(store)
+    current = store.get(known(store, name), spec.version)
     if current.kind != "rag" and (spec.where or spec.search):
-        raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model")
+        raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model: leave them out")
     model = engine(current.kind).load(current)
     chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
     result = model.predict(rows, **{k: v for k, v in chosen if v})
     if spec.into:
-        check_name(spec.into)
         target = con if con is not None else _data.default_session().con
         target.register("__nbcustom_predictions", result)
         try:
@@ -198,9 +208,10 @@ def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
 def load(name: str, version: int | None = None, *, store=None, kind: str | None = None):
     """The model ``name`` (active version or ``version``) ready to use: an LLM generator,
     an AutoML predictor or a RAG index, each with ``.predict(rows)``."""
-    current = _store(store).get(check_name(name), version)
+    store = _store(store)
+    current = store.get(known(store, name), version)
     if kind and current.kind != kind:
-        raise NbCustomError(f"{name} is a {current.kind} model, not {kind}")
+        raise NbCustomError(f"{name} is a {current.kind} model, not {kind}: choose a {kind} model (see %nbc list)")
     return engine(current.kind).load(current)
 
 
@@ -211,9 +222,10 @@ def drift(name: str, data: Any = None, *, version: int | None = None, namespace=
     version recorded when it was trained."""
     import pandas as pd
 
-    current = _store(store).get(check_name(name), version, verify=data is not None)
+    store = _store(store)
+    current = store.get(known(store, name), version, verify=data is not None)
     if current.kind != "automl":
-        raise NbCustomError(f"{name} is a {current.kind} model: drift is measured for tabular and time-series models")
+        raise NbCustomError(f"{name} is a {current.kind} model: drift is measured for tabular and time-series models; choose one made by %%retrain")
     if data is None:
         figures = current.manifest.get("drift")
         if figures is None:
@@ -227,7 +239,7 @@ def drift(name: str, data: Any = None, *, version: int | None = None, namespace=
 
 def _previous(store: Store, name: str, version: int | None) -> Version | None:
     if version is not None:
-        return store.get(name, version)
+        return store.get(known(store, name), version)
     return store.active(name)
 
 
@@ -323,7 +335,7 @@ def export(name: str, *, version: int | None = None, store=None, **options) -> l
     name, at = parse_ref(name)
     spec = ExportSpec.from_options(**options)
     store = _store(store)
-    current = store.get(name, version or at)
+    current = store.get(known(store, name), version or at)
     kind, write = exporter(spec.format)
     if current.kind != kind:
         fits = ", ".join(f for f, (k, _) in EXPORTS.items() if k == current.kind)

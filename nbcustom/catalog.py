@@ -7,7 +7,7 @@ import shlex
 
 from .display.render import Summary, metric_rows
 from .errors import NbCustomError
-from .store import Store, parse_ref, parse_version
+from .store import Store, check_name, parse_ref, parse_version
 
 USAGE = (
     "use: list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | "
@@ -28,8 +28,22 @@ def command(store: Store, line: str):
     optional = len(handler.__defaults__ or ())
     most = len(args) if handler.__code__.co_flags & inspect.CO_VARARGS else arity
     if not arity - optional <= len(args) <= most:
-        raise NbCustomError(f"%nbc {verb}: wrong number of arguments; {USAGE}")
+        raise NbCustomError(f"%nbc {verb}: wrong number of arguments; use %nbc {usage(verb)}")
     return handler(store, *args)
+
+
+def usage(verb: str) -> str:
+    """The part of ``USAGE`` for one command, e.g. ``activate NAME V``."""
+    return next(part for part in USAGE.removeprefix("use: ").split(" | ") if part.split()[0] == verb)
+
+
+def known(store: Store, name: str) -> str:
+    """``name``, if the store has such a model; else one line that says where to look."""
+    if store.kind(check_name(name)) is None:
+        have = [m["name"] for m in store.models()]
+        listed = ", ".join(have[:8]) + (", ..." if len(have) > 8 else "") if have else "none yet"
+        raise NbCustomError(f"unknown model {name!r}: see %nbc list (models: {listed})")
+    return name
 
 
 def list_models(store: Store):
@@ -54,7 +68,7 @@ def versions(store: Store, name: str):
 
 def show(store: Store, ref: str) -> Summary:
     name, version = parse_ref(ref)
-    v = store.get(name, version)
+    v = store.get(known(store, name), version)
     m = v.manifest
     facts = {
         "kind": m.get("kind"),
@@ -83,7 +97,7 @@ def _size(n: int) -> str:
 
 
 def activate(store: Store, name: str, version: str) -> str:
-    store.activate(parse_ref(name)[0], parse_version(version))
+    store.activate(known(store, parse_ref(name)[0]), parse_version(version))
     return f"{name}: version {parse_version(version)} is active"
 
 
@@ -91,6 +105,10 @@ def remove(store: Store, ref: str) -> str:
     from .engines import release
 
     name, version = parse_ref(ref)
+    if version is not None:  # an unknown version: one line that says where to look (a broken one stays removable)
+        have = [row["version"] for row in store.versions(known(store, name))]
+        if version not in have:
+            raise NbCustomError(f"{name} has no version {version} (versions: {', '.join(map(str, have))}); see %nbc versions {name}")
     store.remove(name, version, on_remove=release)
     return f"removed {ref}"
 
@@ -99,6 +117,7 @@ def compare(store: Store, name: str, v1: str, v2: str):
     """Metrics of two versions side by side (each version's own 'after' metrics)."""
     import pandas as pd
 
+    known(store, name)
     a, b = store.get(name, parse_version(v1), verify=False), store.get(name, parse_version(v2), verify=False)
     ma, mb = a.manifest.get("metrics", {}).get("after", {}), b.manifest.get("metrics", {}).get("after", {})
     rows = [{"metric": key, f"v{a.version}": x, f"v{b.version}": y, "delta": delta} for key, x, y, delta in metric_rows(ma, mb)]
@@ -112,7 +131,7 @@ def compare(store: Store, name: str, v1: str, v2: str):
 def runs(store: Store, name: str | None = None):
     import pandas as pd
 
-    return pd.DataFrame(store.runs(name))
+    return pd.DataFrame(store.runs(check_name(name) if name is not None else None))
 
 
 def check(store: Store, *args: str):
@@ -123,6 +142,8 @@ def check(store: Store, *args: str):
     name, repair = check_args(args)
     findings = store.check(name, repair=repair)
     if not findings:
+        if name is not None and not (store.root / name).is_dir():  # no folder and (no finding) no catalog row
+            known(store, name)
         return no_problems(store, name)
     return pd.DataFrame([vars(f) for f in findings], columns=["problem", "what", "detail", "repaired"])
 

@@ -88,7 +88,7 @@ class Session:
                 try:
                     self._con = duckdb.connect(self.database)
                 except duckdb.Error as e:
-                    raise NbCustomError(f"cannot open DuckDB database {self.database!r}: {_first_line(e)}") from None
+                    raise NbCustomError(f"cannot open DuckDB database {self.database!r}: {_first_line(e)[:200]}; check %config NbCustom.database") from None
         return self._con
 
     def use(self, database: str) -> None:
@@ -123,7 +123,7 @@ def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Map
             con.register(name, namespace[name])
         return con.sql(text).to_arrow_table()
     except duckdb.Error as e:
-        raise NbCustomError(f"SQL error: {_first_line(e)}") from None
+        raise NbCustomError(f"SQL error (check the cell's query): {_first_line(e)[:200]}") from None
     finally:
         for name in registered:
             try:

@@ -100,6 +100,8 @@ class NbCustom(Magics):
         %%rag NAME --ask + questions; %%rag NAME --eval + SQL with question, answer."""
         args = self._args("rag", line)
         name = args.pop("name")
+        if args.get("ask") and args.get("eval"):
+            raise NbCustomError("use --ask (questions, one a line) or --eval (SQL with question and answer), not both")
         if args.pop("ask", False):
             from .display.answers import show_answers
 
@@ -148,7 +150,7 @@ class NbCustom(Magics):
         return api.drift(name, words[2] if len(words) > 2 else None, version=version, namespace=context["namespace"], con=context["con"], store=self.store)
 
     def _jobs(self, line: str):
-        from . import jobs
+        from . import catalog, jobs
 
         store = _store.Store(self.store)
         args = flags.parse(_JOB_PARSER, line)
@@ -162,6 +164,7 @@ class NbCustom(Magics):
             return None
         if not args.get("every"):
             raise NbCustomError(f"%nbc job {args['name']} needs --every, e.g. --every 10m")
+        catalog.known(store, args["name"])
         context = self._context(args)
         job = jobs.schedule(store, args["name"], args["every"], args.get("track"), self.database, context["namespace"], context["con"],
                             promote=args["promote"], min_rows=args.get("min_rows"), cron=args["cron"])

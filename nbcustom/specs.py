@@ -4,6 +4,7 @@ stored in the manifest as it is. The magics' flags are generated from these fiel
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,10 +43,12 @@ class Spec:
         return dataclasses.asdict(self)
 
     def _positive(self, *names: str) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
         for name in names:
             value = getattr(self, name)
             if value is not None and value <= 0:
-                raise NbCustomError(f"--{name.replace('_', '-')} must be positive, not {value}")
+                least = " (at least 1)" if isinstance(value, int) else ""
+                raise NbCustomError(f"--{flag_of(fields[name])} must be positive{least}, not {value}")
 
     def _fraction(self, name: str) -> None:
         value = getattr(self, name)
@@ -62,6 +65,8 @@ def _nullable(cls, name: str) -> bool:
 
 
 PROMOTE = ("always", "if-better", "never")
+SEARCH = ("vector", "keyword", "hybrid")
+TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # as model names: quoted in SQL, so - is fine
 
 
 def promote_option():
@@ -103,7 +108,8 @@ class FinetuneSpec(Spec):
 
     def validate(self) -> None:
         super().validate()
-        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices", "eval_every")
+        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices",
+                       "eval_every", "from_version")
         self._fraction("eval_frac")
         if self.patience is not None and self.patience < 0:
             raise NbCustomError(f"--patience must be 0 (never stop early) or more, not {self.patience}")
@@ -165,7 +171,7 @@ class RagSpec(Spec):
         None, "where the vectors live: duckdb (a file in the version) or postgresql://USER@HOST:PORT/DB "
         "(default: where the previous version's are; a new index: duckdb)",
     )
-    search: str = option("hybrid", "ranking of chunks: vector, keyword (BM25) or hybrid (both, fused)", choices=("vector", "keyword", "hybrid"))
+    search: str = option("hybrid", "ranking of chunks: vector, keyword (BM25) or hybrid (both, fused)", choices=SEARCH)
     where: str | None = option(None, "--ask/--eval: only chunks whose metadata satisfy this SQL predicate")
 
     def validate(self) -> None:
@@ -191,12 +197,29 @@ class PredictSpec(Spec):
     into: str | None = option(None, "also write the result to this DuckDB table")
     max_new_tokens: int | None = option(None, "LLM/RAG: longest generation", type=int)
     top_k: int | None = option(None, "RAG: chunks retrieved per question", type=int)
-    search: str | None = option(None, "RAG: vector, keyword or hybrid (default: the index's)", choices=("vector", "keyword", "hybrid"))
+    search: str | None = option(None, "RAG: vector, keyword or hybrid (default: the index's)", choices=SEARCH)
     where: str | None = option(None, "RAG: only chunks whose metadata satisfy this SQL predicate")
 
     def validate(self) -> None:
         super().validate()
         self._positive("version", "max_new_tokens", "top_k")
+        if self.into is not None and not TABLE.fullmatch(self.into):
+            raise NbCustomError(f"--into {self.into!r}: name a table with letters, digits, _ and -, starting with a letter or _")
+
+
+@dataclass
+class AnswerSpec(Spec):
+    """``%%rag NAME --ask`` / ``--eval`` and ``ask``, ``rag_eval``, ``rag_prompts``: how the
+    chunks for each question are found, and who reads them (checked before anything loads)."""
+
+    top_k: int | None = option(None, "chunks retrieved per question (default: the index's)", type=int)
+    search: str | None = option(None, "vector, keyword or hybrid (default: the index's)", choices=SEARCH)
+    where: str | None = option(None, "only chunks whose metadata satisfy this SQL predicate")
+    llm: str | None = option(None, "the reader: a %%finetune'd LLM or a model (default: the index's)")
+
+    def validate(self) -> None:
+        super().validate()
+        self._positive("top_k")
 
 
 @dataclass

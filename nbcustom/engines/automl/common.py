@@ -102,7 +102,8 @@ def require_columns(rows, columns: dict, hint: str = "") -> None:
     for flag, column in columns.items():
         if column and column not in rows.columns:
             have = ", ".join(map(str, rows.columns[:12])) + (", ..." if len(rows.columns) > 12 else "")
-            raise NbCustomError(f"{flag} {column}: no such column in the query (columns: {have}){hint}")
+            fix = f"select it in the query or change {flag}" if flag.startswith("--") else "select it in the query"
+            raise NbCustomError(f"{flag} {column}: no such column in the query (columns: {have}){hint}; {fix}")
 
 
 # --- quiet AutoGluon --------------------------------------------------------------------

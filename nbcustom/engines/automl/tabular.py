@@ -25,7 +25,9 @@ def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
         raise NbCustomError(f"{previous.name} predicts {previous.manifest['target']!r}, not {target!r}: choose another name to predict {target}")
     data, counts = accumulate(old, rows, spec.key)
     data, missing = _with_target(data, target)
+    _check_target(data, missing, target)
     problem_type, metric = _problem(data[target], spec.metric, target)
+    _check_presets(spec.presets)
     holdout_mask = in_holdout(data, spec.eval_frac, spec.key)
     train_part, holdout = data[~holdout_mask], data[holdout_mask]
     _check_sizes(len(data), len(train_part), len(holdout), "--eval-frac")
@@ -54,11 +56,12 @@ def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     target = previous.manifest["target"]
     require_columns(rows, {"target column": target}, hint=f"; {previous.name} predicts {target}")
-    old_predictor = _load(previous)
     new_rows, missing = _with_target(rows.reset_index(drop=True), target)
+    _check_target(new_rows, missing, target, chosen=False)
     holdout_mask = in_holdout(new_rows, spec.eval_frac)
     train_part, holdout = new_rows[~holdout_mask], new_rows[holdout_mask]
     _check_sizes(len(new_rows), len(train_part), len(holdout), "--eval-frac")
+    old_predictor = _load(previous)  # the rows are checked first: a mistake costs no load
     reused = _best_model(old_predictor)
     reused["from_version"] = previous.version
     display.log(f"reusing {reused['model']} ({reused['model_type']}) from v{previous.version}: no model search")
@@ -238,6 +241,16 @@ def _with_target(data, target):
     return data[known].reset_index(drop=True), int((~known).sum())
 
 
+def _check_target(data, missing: int, target: str, chosen: bool = True) -> None:
+    """Rows left to learn from once those without a target are dropped: none is one line.
+    ``chosen``: the target was given as --target (not inherited from the previous version)."""
+    if not len(data):
+        raise NbCustomError(
+            f"target {target!r} is NULL in all {missing} rows: select rows that have a value (WHERE {target} IS NOT NULL)"
+            + (" or choose another --target" if chosen else "")
+        )
+
+
 def _problem(y, metric: str | None, target: str):
     """(problem_type or None for AutoGluon's choice, metric): a metric that cannot apply to
     this target is a one-line error before any fitting."""
@@ -245,7 +258,7 @@ def _problem(y, metric: str | None, target: str):
     from autogluon.core.metrics import BINARY_METRICS, MULTICLASS_METRICS, REGRESSION_METRICS as REGRESSION
 
     if y.nunique() < 2:
-        raise NbCustomError(f"target {target!r} has a single value ({y.iloc[0]!r}): there is nothing to learn")
+        raise NbCustomError(f"target {target!r} has a single value ({_plain(y.iloc[0])!r}): there is nothing to learn; add rows with other values or choose another --target")
     numeric = pd.api.types.is_numeric_dtype(y) and not pd.api.types.is_bool_dtype(y)
     if metric is None:
         return None, None
@@ -259,6 +272,13 @@ def _problem(y, metric: str | None, target: str):
     if numeric and metric not in REGRESSION and y.nunique() > 50 and not (y.dropna() % 1 == 0).all():
         raise NbCustomError(f"--metric {metric} is for classes, but {target!r} holds continuous numbers: choose rmse, mae or r2")
     return ("binary" if y.nunique() == 2 else "multiclass") if metric not in REGRESSION else None, metric
+
+
+def _check_presets(presets: str) -> None:
+    from autogluon.tabular.configs.presets_configs import tabular_presets_alias, tabular_presets_dict
+
+    if presets not in tabular_presets_dict and presets not in tabular_presets_alias:
+        raise NbCustomError(f"--presets {presets}: unknown for tabular models; use medium_quality, good_quality, high_quality or best_quality")
 
 
 def _check_sizes(total, trained, held_out, flag):

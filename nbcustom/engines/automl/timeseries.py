@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 
 from .. import Outcome
 from ...errors import NbCustomError
@@ -40,8 +41,8 @@ def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
         old = _clean(old, target, stamp, item)
     data, counts = accumulate(old, new, [c for c in (item, stamp) if c])
     data = data.sort_values([c for c in (item, stamp) if c], kind="stable").reset_index(drop=True)
+    _check_lengths(data, item, horizon, minimum=3 * horizon + 1)
     series = _series(data, target, stamp, item)
-    _check_lengths(series, horizon, minimum=3 * horizon + 1)
     freq = _frequency(series)
     train_part = series.slice_by_timestep(None, -horizon)
     counts.update(trained=len(train_part), held_out=len(series) - len(train_part), series=series.num_items)
@@ -78,8 +79,8 @@ def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     target, stamp, item, horizon = schema["target"], schema["timestamp"], schema.get("item_id"), schema["horizon"]
     require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {previous.name} needs it")
     new = _clean(rows, target, stamp, item)
+    _check_lengths(new, item, horizon, minimum=2 * horizon + 1)
     series = _series(new, target, stamp, item)
-    _check_lengths(series, horizon, minimum=2 * horizon + 1)
     old_predictor = _load(previous)
     reused = _best_model(old_predictor)
     reused["from_version"] = previous.version
@@ -214,9 +215,14 @@ def _clean(rows, target, stamp, item):
 
     frame = rows[[c for c in (item, stamp, target) if c]].copy()
     try:
-        frame[stamp] = pd.to_datetime(frame[stamp])
+        with warnings.catch_warnings():  # "could not infer format": the values are read one by one, or the error says why
+            warnings.simplefilter("ignore", UserWarning)
+            frame[stamp] = pd.to_datetime(frame[stamp])
     except (ValueError, TypeError) as e:
-        raise NbCustomError(f"--timestamp {stamp}: cannot read its values as dates ({str(e).splitlines()[0][:80]})") from None
+        raise NbCustomError(
+            f"--timestamp {stamp}: cannot read its values as dates ({str(e).splitlines()[0][:80]}): "
+            "choose a DATE or TIMESTAMP column, or cast it in the SQL"
+        ) from None
     if getattr(frame[stamp].dt, "tz", None) is not None:
         frame[stamp] = frame[stamp].dt.tz_convert(None)
     if frame[stamp].isna().any():
@@ -224,6 +230,8 @@ def _clean(rows, target, stamp, item):
     if not pd.api.types.is_numeric_dtype(frame[target]) or pd.api.types.is_bool_dtype(frame[target]):
         raise NbCustomError(f"--target {target} must be numeric to forecast, but it holds {frame[target].dtype} values such as {frame[target].iloc[0]!r}")
     frame[target] = frame[target].astype("float64")
+    if len(frame) and frame[target].isna().all():
+        raise NbCustomError(f"--target {target} is NULL in all {len(frame)} rows: select rows that have a value (WHERE {target} IS NOT NULL)")
     keys = [c for c in (item, stamp) if c]
     dup = frame.duplicated(keys, keep=False)
     if dup.any():
@@ -236,6 +244,10 @@ def _clean(rows, target, stamp, item):
     return frame.reset_index(drop=True)
 
 
+def _plain(value):
+    return value.item() if hasattr(value, "item") else value
+
+
 def _series(frame, target, stamp, item):
     from autogluon.timeseries import TimeSeriesDataFrame
 
@@ -245,11 +257,14 @@ def _series(frame, target, stamp, item):
     return TimeSeriesDataFrame.from_data_frame(frame[["item_id", "timestamp", target]], id_column="item_id", timestamp_column="timestamp")
 
 
-def _check_lengths(series, horizon, minimum):
-    lengths = series.num_timesteps_per_item()
+def _check_lengths(frame, item, horizon, minimum):
+    """Each series (rows of one ``item``, or all rows) long enough for the holdout and training."""
+    import pandas as pd
+
+    lengths = frame.groupby(item, sort=True).size() if item else pd.Series({ITEM: len(frame)})
     short = lengths[lengths < minimum]
     if len(short):
-        which = "the series has" if short.index[0] == ITEM else f"series {short.index[0]!r} has"
+        which = "the series has" if short.index[0] == ITEM else f"series {_plain(short.index[0])!r} has"
         raise NbCustomError(
             f"{which} {int(short.iloc[0])} rows; with --horizon {horizon} each series needs at least {minimum} "
             f"({horizon} held out, the rest to train and validate): add rows or lower --horizon"
@@ -350,7 +365,15 @@ class ForecastModel:
     def __init__(self, version):
         self.version = version
         self.schema = version.manifest["schema"]
-        self.predictor = _load(version)
+        self._predictor = None
+
+    @property
+    def predictor(self):
+        """The AutoGluon predictor, loaded on first use (a query without the model's columns
+        fails before the load)."""
+        if self._predictor is None:
+            self._predictor = _load(self.version)
+        return self._predictor
 
     def predict(self, rows, **_):
         target, stamp, item = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id")

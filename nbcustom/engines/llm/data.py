@@ -34,7 +34,8 @@ class Example:
 
 
 def check_rows(rows, prompt: str, response: str | None) -> None:
-    """One-line errors for missing columns and NULL or empty values, before any loading."""
+    """One-line errors for missing columns and NULL or empty values, before any loading;
+    with a ``response`` column (training), also for too few rows to hold some out."""
     for option, column in (("prompt", prompt), ("response", response)):
         if column is None:
             continue
@@ -44,6 +45,13 @@ def check_rows(rows, prompt: str, response: str | None) -> None:
         empty = int(rows[column].isna().sum() + (rows[column].dropna().astype(str).str.strip() == "").sum())
         if empty:
             raise NbCustomError(f"{empty} row(s) have a NULL or empty {column!r}: filter them out in the query (WHERE {column} <> '')")
+    if response is not None:
+        _enough(len(rows))
+
+
+def _enough(n: int) -> None:
+    if n < MIN_ROWS:
+        raise NbCustomError(f"only {n} row(s): fine-tuning needs at least {MIN_ROWS} so some can be held out for before/after; add rows")
 
 
 def systems(rows, system: str | None) -> list[str | None]:
@@ -87,8 +95,7 @@ def split(n: int, eval_frac: float, seed: int) -> tuple[list[int], list[int]]:
     """(train, holdout) row positions, fixed by ``seed``."""
     import numpy as np
 
-    if n < MIN_ROWS:
-        raise NbCustomError(f"only {n} row(s): fine-tuning needs at least {MIN_ROWS} so some can be held out for before/after")
+    _enough(n)
     order = np.random.default_rng(seed).permutation(n).tolist()
     held = min(max(1, round(eval_frac * n)), n - 1)
     return sorted(order[held:]), sorted(order[:held])

@@ -40,11 +40,11 @@ def documents(spec: RagSpec, rows) -> tuple[Any, dict]:
     metadata_cols = spec.columns("metadata")
     for col in metadata_cols:
         if col not in columns:
-            raise NbCustomError(f"--metadata column {col!r} is not in the query (columns: {', '.join(columns)})")
+            raise NbCustomError(f"--metadata column {col!r} is not in the query (columns: {', '.join(columns)}): select it or change --metadata")
     text_cols = spec.columns("text")
     for col in text_cols:
         if col not in columns:
-            raise NbCustomError(f"--text column {col!r} is not in the query (columns: {', '.join(columns)})")
+            raise NbCustomError(f"--text column {col!r} is not in the query (columns: {', '.join(columns)}): select it or change --text")
     if not text_cols:
         text_cols = [c for c in columns if c != spec.id and c not in metadata_cols and _is_text(rows[c])]
         if not text_cols:
@@ -132,6 +132,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     from ... import models
 
     frame, chosen = documents(spec, rows)
+    stores.check(spec.vector_store)  # an unreachable server fails now, before any model loads
     embed_path = models.resolve_embedding(spec.embed)
     models.resolve_llm(spec.llm)  # an unknown --llm fails now, not at the first question
 
@@ -456,6 +457,8 @@ class RagIndex:
             raise NbCustomError("the --eval query needs an `answer` column with the reference answers (SELECT ... AS answer)")
         k = top_k or self.top_k
         mode = rag_search.check_mode(search or self.search)
+        if where:  # a bad predicate fails now, not after the answers without retrieval
+            rag_search.where(self.vectors, where, self.info.get("metadata_columns", []))
         questions = [str(q) for q in rows[column]]
         references = ["" if _missing(a) or a is None else str(a) for a in rows["answer"]]
         relevant = [_relevant(s) for s in rows["source_id"]] if "source_id" in rows.columns else [[]] * len(rows)

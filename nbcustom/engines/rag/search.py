@@ -119,7 +119,7 @@ def where(vectors, predicate: str, columns: Sequence[str]):
         positions = con.execute(f"SELECT __position FROM chunks WHERE ({predicate})").fetchnumpy()["__position"]
     except duckdb.Error as e:
         have = ", ".join(["id", *columns]) or "none"
-        raise NbCustomError(f"--where {predicate!r}: {_first_line(e)} (metadata columns: {have})") from None
+        raise NbCustomError(f"--where {predicate!r}: {_first_line(e)[:120]}; use the metadata columns: {have}") from None
     finally:
         con.close()
     return np.asarray(positions, dtype=np.int64)

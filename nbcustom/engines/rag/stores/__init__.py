@@ -36,6 +36,13 @@ def create(location: str | None, previous, name: str, model_dir, dim: int):
     return _backend(DEFAULT if location == DEFAULT else "pgvector").Writer(location, name, model_dir, dim, source)
 
 
+def check(location: str | None) -> None:
+    """A one-line error now if the vectors cannot be written at ``location`` (a server that
+    cannot be reached, no pgvector there), before a build loads any model."""
+    if location not in (None, DEFAULT):
+        _backend("pgvector").check(location)
+
+
 def open(version):
     """The chunks of a committed version (what ``RagIndex`` searches)."""
     entry = _entry(version)

@@ -63,6 +63,11 @@ def connect(address: dict):
     return con
 
 
+def check(location: str) -> None:
+    """Connect to the server of ``location`` once (see ``connect``) and close."""
+    connect(server(strip(location))).close()
+
+
 class Writer:
     """A new version's table: rows are added, unchanged rows copied from the previous
     version's table on the server, then the HNSW index is built once."""
