@@ -19,6 +19,7 @@ SCHEMES = ("postgresql", "postgres")
 USAGE = "use duckdb (a file in the version) or postgresql://USER@HOST:PORT/DB"
 _PASSWORDS: dict[tuple, str] = {}
 _IN_URL = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_IN_QUERY = re.compile(r"([?&]password=)[^&\s'\"]*", re.IGNORECASE)
 
 
 def server(url: str) -> dict:
@@ -62,7 +63,7 @@ def password(user: str, host: str, port: int) -> str | None:
 
 def mask(text: str) -> str:
     """``text`` with every known password, and any password inside a URL, replaced by ***."""
-    text = _IN_URL.sub(r"\1***@", str(text))
+    text = _IN_QUERY.sub(r"\1***", _IN_URL.sub(r"\1***@", str(text)))
     for secret in _PASSWORDS.values():
         for form in {secret, quote(secret, safe="")}:
             text = text.replace(form, "***")

@@ -12,12 +12,12 @@ from .specs import flag_of
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise NbCustomError(f"%%{self.prog}: {message}; see %%{self.prog}? for the options")
+        raise NbCustomError(f"{_magic(self.prog)}: {message}; see {_magic(self.prog)}? for the options")
 
     def exit(self, status=0, message=None):
         if message:
             raise NbCustomError(message.strip())
-        raise NbCustomError(f"%%{self.prog}: see %%{self.prog}? for the options")
+        raise NbCustomError(f"{_magic(self.prog)}: see {_magic(self.prog)}? for the options")
 
 
 def parser(prog: str, spec_cls=None, positionals=("name",), switches=()) -> argparse.ArgumentParser:
@@ -43,9 +43,14 @@ def parse(p: argparse.ArgumentParser, line: str) -> dict:
     try:
         words = shlex.split(line)
     except ValueError as e:
-        raise NbCustomError(f"%%{p.prog}: cannot read the options ({e}): check the quotes") from None
+        raise NbCustomError(f"{_magic(p.prog)}: cannot read the options ({e}): check the quotes") from None
     return {k: v for k, v in vars(p.parse_args(words)).items() if v is not None}
 
 
 def usage(p: argparse.ArgumentParser) -> str:
     return p.format_help()
+
+
+def _magic(prog: str) -> str:
+    """How the user typed the magic: ``%nbc`` is a line magic, the others cell magics."""
+    return f"%{prog}" if prog == "nbc" else f"%%{prog}"

@@ -325,7 +325,7 @@ def _initial_last(version, sql: str, track: str, namespace, con):
             return _max(rows[track], None)
     rows = data.to_pandas(sql, namespace=namespace, con=con, params={"last": None})
     if track not in rows.columns:
-        raise NbCustomError(f"--track {track}: the model's SQL has no column {track!r}; columns: {', '.join(map(str, rows.columns))}")
+        raise NbCustomError(f"--track {track}: the model's SQL has no column {track!r}; choose one of its columns: {', '.join(map(str, rows.columns))}")
     return _max(rows[track], None)
 
 

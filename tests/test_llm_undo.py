@@ -16,18 +16,7 @@ OPTIONS = {"max_steps": 3, "batch_size": 4, "eval_frac": 0.25, "max_new_tokens":
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory):
-    """A two-layer model with SmolLM2's architecture and tokenizer, saved as a local base."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    smollm2 = models.resolve_llm(None)
-    config = AutoConfig.from_pretrained(smollm2)
-    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "base"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(smollm2).save_pretrained(folder)
-    return folder
+    return llm_task.tiny_base(tmp_path_factory.mktemp("tiny") / "base")
 
 
 @pytest.fixture
