@@ -219,3 +219,17 @@ def test_two_writers_and_a_reader(store_dir, tmp_path):
     payloads = {store.get("m", v).model_dir.joinpath("weights.bin").read_bytes() for v in range(1, 41)}
     assert len(payloads) == 40
     assert store.check() == []
+
+
+def test_a_store_no_one_may_write_predicts(store_dir, tmp_path):
+    """A read-only user of the store predicts: a real (small) LLM version, its store immutable."""
+    import llm_task
+    import nbcustom
+
+    base = llm_task.tiny_base(tmp_path / "tiny")
+    rows = llm_task.rows(12)
+    nbcustom.finetune("fmt", rows, store=store_dir, base=str(base), max_steps=1, eval_frac=0.25, max_new_tokens=2, ui="none")
+    folders = [store_dir, store_dir / "catalog.duckdb", store_dir / "fmt", store_dir / "fmt" / "v1"]
+    with _immutable(*folders):
+        predicted = nbcustom.predict("fmt", rows[["prompt"]].head(2), store=store_dir, ui="none", max_new_tokens=2)
+    assert len(predicted) == 2 and predicted["prediction"].map(type).eq(str).all()
