@@ -38,7 +38,7 @@ demo: install
 	@echo "artifact store:    $(abspath $(OUT))/nbcustom_store"
 
 test: install-dev
-	$(PY) -m pytest -ra tests
+	$(PY) -m pytest -ra --durations=15 tests
 
 test-quick: install-dev
 	$(PY) -m pytest -ra -m "not slow" tests

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from nbcustom import models
-from nbcustom.engines.llm import data as llm_data, pack as llm_pack
+from nbcustom.engines.llm import data as llm_data, pack as llm_pack, precision
 from nbcustom.engines.llm.generate import adapted, lora_config
 
 
@@ -187,12 +187,11 @@ def test_accelerated_layers_give_the_same_loss_and_are_undone_on_exit():
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.skipif(not precision.cpu_features().native_bf16, reason="this CPU has no native bf16 (amx_bf16 or avx512_bf16)")
 def test_bf16_step_gives_the_fp32_loss_and_lora_gradients_within_bf16_rounding():
     """``--precision bf16`` on CPU: the training step under bf16 autocast (float32 base and
     LoRA weights) against the float32 step on the same packed batch."""
     import torch
-
-    from nbcustom.engines.llm import precision
 
     model, tokenizer = models.load_llm(models.resolve_llm(None))
     batch = llm_pack.pack(_examples(), 64, tokenizer.pad_token_id)

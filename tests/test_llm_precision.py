@@ -148,7 +148,13 @@ def test_bad_precision_is_one_line_and_leaves_the_store_unchanged(ip, store_dir)
     assert "\n" not in str(error.value) and snapshot(store_dir) == before
 
 
+# bf16 on a CPU without native bf16 is refused (emulated, ~25x slower): its paths are tested
+# there with the detection patched (above and tests/test_llm_undo.py)
+native_bf16_only = pytest.mark.skipif(not precision.cpu_features().native_bf16, reason="this CPU has no native bf16 (amx_bf16 or avx512_bf16)")
+
+
 @pytest.mark.slow
+@native_bf16_only
 def test_bf16_run_learns_what_the_fp32_run_learns(tmp_path):
     import nbcustom
 
