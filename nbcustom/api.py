@@ -15,7 +15,7 @@ import uuid
 from importlib import metadata
 from typing import Any, Mapping
 
-from . import data as _data, promotion, settings, tracking
+from . import data as _data, promotion, settings, tracking, worker
 from .display import Summary, make_display
 from .engines import EXPORTS, Outcome, engine, exporter
 from .errors import NbCustomError
@@ -256,7 +256,10 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
     display = make_display(ui or default_ui(), f"%%{magic} {name}")
     try:
         with store.build(name, kind) as build:
-            outcome: Outcome = train(spec, rows, previous, build, display)
+            if worker.enabled():
+                outcome: Outcome = worker.run(train, spec, rows, previous, build, display, kind)
+            else:
+                outcome = train(spec, rows, previous, build, display)
             decision = promotion.decide(spec.promote, outcome, previous)
             build.activate = decision.promote
             display.phase("saving")

@@ -6,7 +6,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.display import display
 from traitlets import Enum, Unicode, default, observe
 
-from . import api, credentials, data, flags, settings, store as _store
+from . import api, credentials, data, flags, settings, store as _store, worker
 from .display import Summary, summary_bundle
 from .errors import NbCustomError
 from .promotion import JOB_DEFAULT
@@ -38,6 +38,8 @@ class NbCustom(Magics):
         "'torchrun --nnodes 2 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400'",
     ).tag(config=True)
     tracking = Enum(("none", "mlflow"), settings.environment("tracking"), help="log every new version as an MLflow run").tag(config=True)
+    worker = Enum(("on", "off"), settings.environment("worker"), help="train in a worker process (on) or in the kernel (off)").tag(config=True)
+    memory_limit = Unicode(settings.environment("memory_limit"), help="most memory a training worker may use, e.g. 8GB").tag(config=True)
 
     def __init__(self, shell=None, **kwargs):
         super().__init__(shell=shell, **kwargs)
@@ -196,5 +198,6 @@ def load_ipython_extension(shell) -> None:
     magics = NbCustom(shell=shell)
     shell.register_magics(magics)
     settings.use(magics)  # the API's defaults are now this kernel's %config settings
+    worker.start()
     if magics not in shell.configurables:
         shell.configurables.append(magics)

@@ -18,9 +18,12 @@ ENVIRONMENT = {
     "vector_store": ("NBCUSTOM_VECTOR_STORE", ""),
     "launcher": ("NBCUSTOM_LAUNCHER", ""),
     "tracking": ("NBCUSTOM_TRACKING", "none"),
+    "worker": ("NBCUSTOM_WORKER", "on"),
+    "memory_limit": ("NBCUSTOM_MEMORY_LIMIT", ""),
 }
 
 _kernel = None  # the loaded NbCustom magics; their traitlets hold the kernel's settings
+_given: dict = {}  # a training worker's settings, as the kernel had them (``restore``)
 
 
 def use(source) -> None:
@@ -31,8 +34,17 @@ def use(source) -> None:
 
 def get(name: str):
     """The setting ``name``: the kernel's where the extension is loaded, else the environment's."""
-    value = getattr(_kernel, name) if _kernel is not None else None
+    value = getattr(_kernel, name) if _kernel is not None else _given.get(name)
     return value or environment(name)
+
+
+def snapshot() -> dict:
+    """Every setting as it is now, for a training worker (``restore`` there)."""
+    return {name: get(name) for name in ENVIRONMENT}
+
+
+def restore(values: dict) -> None:
+    _given.update(values)
 
 
 def environment(name: str) -> str:

@@ -12,6 +12,10 @@ from IPython.core.interactiveshell import InteractiveShell
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests in this process train in it (the kernel's path with NbCustom.worker = 'off'): they
+# patch engines and read their counters. Notebook kernels (notebooks.run_notebook, the
+# examples) train in worker processes, the default; tests/test_worker.py tests the worker.
+os.environ["NBCUSTOM_WORKER"] = "off"
 
 
 class TestingShell(InteractiveShell):

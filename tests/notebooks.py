@@ -23,9 +23,11 @@ class RecordingClient(NotebookClient):
         return super().process_message(msg, cell, cell_index)
 
 
-def run_notebook(cells: list[str], store, ui: str = "static", timeout: int = 900, cwd=None, messages: list | None = None) -> nbformat.NotebookNode:
+def run_notebook(cells: list[str], store, ui: str = "static", timeout: int = 900, cwd=None, messages: list | None = None,
+                 worker: str = "on") -> nbformat.NotebookNode:
     """Execute code cells in a fresh python3 kernel; a cell starting with a '# raises' line
-    (removed before it runs) may fail. ``messages`` receives what ``RecordingClient`` kept."""
+    (removed before it runs) may fail. ``messages`` receives what ``RecordingClient`` kept.
+    ``worker="off"`` trains in the kernel (for a test that patches the engines there)."""
     nb = nbformat.v4.new_notebook()
     for source in cells:
         raises = source.startswith("# raises\n")
@@ -33,7 +35,7 @@ def run_notebook(cells: list[str], store, ui: str = "static", timeout: int = 900
         if raises:
             cell.metadata["tags"] = ["raises-exception"]
         nb.cells.append(cell)
-    env = {**os.environ, "NBCUSTOM_STORE": str(store), "NBCUSTOM_UI": ui, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "NBCUSTOM_STORE": str(store), "NBCUSTOM_UI": ui, "HF_HUB_OFFLINE": "1", "NBCUSTOM_WORKER": worker}
     client = RecordingClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd or store.parent)}})
     client.km = client.kernel_manager_class(kernel_name="python3", env=env)  # the kernel sees env
     client.execute(env=env)

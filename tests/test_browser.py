@@ -75,7 +75,7 @@ def lab(tmp_path):
     settings.mkdir(parents=True)
     (settings / "tracker.jupyterlab-settings").write_text(json.dumps({"windowingMode": "none"}))
     port, token = _free_port(), "nbcustom-test"
-    env = {**os.environ, "NBCUSTOM_STORE": str(tmp_path / "store"), "NBCUSTOM_UI": "auto", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "NBCUSTOM_STORE": str(tmp_path / "store"), "NBCUSTOM_UI": "auto", "HF_HUB_OFFLINE": "1", "NBCUSTOM_WORKER": "on"}
     server = subprocess.Popen(
         [sys.executable, "-m", "jupyterlab", "--no-browser", f"--port={port}", "--ip=127.0.0.1",
          f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={tmp_path}", "--allow-root",

@@ -19,6 +19,7 @@ def execute(name: str, parameters: dict, tmp_path, monkeypatch) -> nbformat.Note
     monkeypatch.setenv("NBCUSTOM_STORE", str(tmp_path / "store"))
     monkeypatch.setenv("NBCUSTOM_UI", "static")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("NBCUSTOM_WORKER", "on")  # as a user's kernel: training in worker processes
     papermill.execute_notebook(
         str(EXAMPLES / name), str(tmp_path / name), parameters=parameters, kernel_name="python3",
         cwd=str(tmp_path), progress_bar=False, log_output=False,

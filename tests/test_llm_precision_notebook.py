@@ -32,7 +32,7 @@ CELLS = [
 def test_a_bad_bf16_cell_leaves_predict_and_ask_working(tmp_path):
     from pathlib import Path
 
-    nb = run_notebook([c.format(tests=str(Path(__file__).parent), onednn=ONEDNN) for c in CELLS], tmp_path / "store", ui="text", cwd=tmp_path)
+    nb = run_notebook([c.format(tests=str(Path(__file__).parent), onednn=ONEDNN) for c in CELLS], tmp_path / "store", ui="text", cwd=tmp_path, worker="off")
     errors = {i: o for i, cell in enumerate(nb.cells) for o in cell.outputs if o.output_type == "error"}
     assert sorted(errors) == [5, 7], errors
     assert "needs a CPU with amx_bf16 or avx512_bf16" in errors[5].evalue and "\n" not in errors[5].evalue

@@ -57,7 +57,7 @@ def test_built_wheel_in_a_fresh_venv_runs_a_notebook(tmp_path):
     site = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], capture_output=True, text=True, check=True).stdout.strip()
     Path(site, "reuse_dependencies.pth").write_text(f"import site; site.addsitedir({sysconfig.get_paths()['purelib']!r})\n")
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "NBCUSTOM_WORKER")}
     env.update(NBCUSTOM_STORE=str(tmp_path / "store"), NBCUSTOM_UI="static", HF_HUB_OFFLINE="1")
     version = subprocess.run([venv / "bin" / "nbcustom", "--version"], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert version.returncode == 0 and version.stdout.strip() == f"nbcustom {nbcustom.__version__}", version.stderr

@@ -1,0 +1,33 @@
+"""Imported once by the training workers' fork server (``worker``), so that a run's worker
+starts in a fraction of a second: the model libraries, and the default LLM and embedding
+model when they are already on disk (a worker shares their weights with the server).
+
+Everything here runs on one thread: a process forked after OpenMP started its threads
+hangs at its first parallel operation (measured: a forked child's first matrix product
+never returned), so the server never starts them and the workers get the full count back.
+"""
+
+import contextlib
+import os
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+import torch  # noqa: E402
+
+_threads = torch.get_num_threads()
+torch.set_num_threads(1)
+try:
+    for _module in ("transformers", "peft", "matplotlib.figure", "matplotlib.backends.backend_agg", "sentence_transformers", "llama_index.core",
+                    "nbcustom.engines.llm.train", "nbcustom.engines.rag.index", "autogluon.tabular"):
+        with contextlib.suppress(ImportError):
+            __import__(_module)
+    from nbcustom import models
+
+    with contextlib.suppress(Exception):  # a missing or unconverted default loads in the run
+        if (models.cache_dir() / "models" / models.DEFAULT_LLM / "config.json").exists():
+            models.load_llm(models.resolve_llm(None))
+    with contextlib.suppress(Exception):
+        from nbcustom.engines.rag import index, models as rag_models
+
+        rag_models.embedder(None, index.EMBED_BATCH)
+finally:
+    torch.set_num_threads(_threads)

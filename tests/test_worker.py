@@ -1,0 +1,186 @@
+"""Training in a worker process (issue 27.3): a run that runs out of memory, is killed or
+is interrupted costs one line, never the kernel, its variables, the store or a stray process.
+
+The notebook test runs a real kernel: a run over ``NbCustom.memory_limit``, then a worker
+killed with SIGKILL in the middle of training; after each the next cell sees the kernel's
+variables, the store is byte-identical and no process of the run is left.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import llm_task
+from conftest import snapshot
+from notebooks import outputs_of, run_notebook
+
+TESTS = Path(__file__).parent
+OPTIONS = "--base {tiny} --max-steps 6 --batch-size 2 --eval-frac 0.25 --max-new-tokens 4"
+
+# helpers the notebook's kernel uses: the processes under the fork server, the store's files
+HELPERS = '''
+import hashlib, os, re, signal, threading, time
+from pathlib import Path
+
+def descendants(pid):
+    kids = [int(p) for t in os.listdir(f"/proc/{pid}/task") for p in open(f"/proc/{pid}/task/{t}/children").read().split()]
+    return kids + [d for k in kids for d in descendants(k)]
+
+def server():
+    return next(p for p in descendants(os.getpid()) if b"forkserver" in open(f"/proc/{p}/cmdline", "rb").read())
+
+def workers():
+    return descendants(server())
+
+def store_state():
+    root = Path(os.environ["NBCUSTOM_STORE"])
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name not in (".lock", "catalog.duckdb")}
+
+def rss(pid):
+    return int(re.search(r"VmRSS:\\s+(\\d+) kB", open(f"/proc/{pid}/status").read()).group(1)) * 1024
+
+from nbcustom.display import run as display_run
+steps = []  # training steps the kernel's display was given (replayed from the worker)
+_step = display_run.RunDisplay.step
+def recording_step(self, step, total=None, **metrics):
+    if self.state.phase == "training":
+        steps.append(step)
+    _step(self, step, total, **metrics)
+display_run.RunDisplay.step = recording_step
+
+killed = []
+def kill_at_step(n):
+    """SIGKILL the worker once the display has shown training step ``n``."""
+    steps.clear()
+    def run():
+        while not steps or steps[-1] < n:
+            time.sleep(0.02)
+        for pid in workers():
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+    threading.Thread(target=run, daemon=True).start()
+'''
+
+CELLS = [
+    "%load_ext nbcustom",
+    f"import sys; sys.path.insert(0, {str(TESTS)!r})\nimport llm_task\ntiny = str(llm_task.tiny_base('tiny'))\n"
+    "rows = llm_task.rows(24)\nlong_rows = rows.assign(response=rows.response * 20)\nanswer = 42\n" + HELPERS,
+    f"%%finetune fmt {OPTIONS}\nSELECT * FROM rows",  # v1, trained in a worker
+    # such a run's worker grows about 450 MB over the fork server's resident memory
+    "before = store_state()\nlimit = rss(server()) + 150 * 2**20\nget_ipython().run_line_magic('config', f'NbCustom.memory_limit = {str(limit)!r}')",
+    f"# raises\n%%finetune fmt {OPTIONS} --max-length 512\nSELECT * FROM long_rows",  # 4: over the memory limit
+    "%config NbCustom.memory_limit = 'off'\nprint(answer, store_state() == before, workers())",
+    "kill_at_step(2)",
+    f"# raises\n%%finetune fmt {OPTIONS} --max-steps 400\nSELECT * FROM rows",  # 7: its worker killed
+    "print(answer, store_state() == before, workers(), [os.path.exists(f'/proc/{p}') for p in killed])",
+    "%%predict fmt\nSELECT prompt FROM rows LIMIT 1",
+]
+
+
+def test_out_of_memory_and_sigkill_cost_one_line_and_nothing_else(tmp_path):
+    nb = run_notebook(CELLS, tmp_path / "store", ui="text", cwd=tmp_path)
+    errors = {i: o for i, cell in enumerate(nb.cells) for o in cell.outputs if o.output_type == "error"}
+    assert sorted(errors) == [4, 7], {i: e.evalue for i, e in errors.items()}
+    over, killed = errors[4].evalue, errors[7].evalue
+    assert errors[4].ename == errors[7].ename == "NbCustomError"
+    assert "\n" not in over and "passed NbCustom.memory_limit" in over and "try a smaller --batch-size" in over, over
+    assert "\n" not in killed and "died of SIGKILL" in killed and "after step" in killed, killed
+    assert "kernel keeps its variables" in killed and "peak" in killed
+    # the kernel answered with its variables; the store is byte-identical; no process left
+    assert outputs_of(nb, 5)[-1].text.strip() == "42 True []"
+    assert outputs_of(nb, 8)[-1].text.strip() == "42 True [] [False]"
+    assert any("prediction" in str(o.get("data", {})) or "prediction" in o.get("text", "") for o in outputs_of(nb, 9))
+
+
+def train_in(where: str, monkeypatch) -> None:
+    """NbCustom.worker for the API here: the environment's, or the loaded extension's."""
+    from nbcustom import settings
+
+    monkeypatch.setenv("NBCUSTOM_WORKER", where)
+    if settings._kernel is not None:
+        monkeypatch.setattr(settings._kernel, "worker", where)
+
+
+@pytest.fixture
+def worker_on(monkeypatch):
+    train_in("on", monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return llm_task.tiny_base(tmp_path_factory.mktemp("tiny") / "base")
+
+
+def test_a_run_in_a_worker_commits_the_same_version_as_one_in_the_kernel(tiny, tmp_path, monkeypatch):
+    import nbcustom
+
+    rows = llm_task.rows(16)
+    options = dict(base=str(tiny), max_steps=3, batch_size=2, eval_frac=0.25, max_new_tokens=4, ui="none")
+    train_in("off", monkeypatch)
+    here = nbcustom.finetune("fmt", rows, store=tmp_path / "kernel", **options)
+    train_in("on", monkeypatch)
+    there = nbcustom.finetune("fmt", rows, store=tmp_path / "worker", **options)
+    assert there.manifest["metrics"] == here.manifest["metrics"]
+    assert (there.model_dir / "adapter_model.safetensors").read_bytes() == (here.model_dir / "adapter_model.safetensors").read_bytes()
+
+
+def test_an_error_in_the_worker_is_the_same_one_line(worker_on, tiny, tmp_path):
+    import nbcustom
+    from nbcustom.errors import NbCustomError
+
+    with pytest.raises(NbCustomError, match="no column 'question'"):
+        nbcustom.finetune("fmt", llm_task.rows(8), store=tmp_path / "store", base=str(tiny), prompt="question", ui="none")
+    assert not (tmp_path / "store").exists()
+
+
+def test_ctrl_c_stops_the_worker_and_leaves_nothing(worker_on, tiny, tmp_path):
+    """SIGINT to this process, as Jupyter's interrupt sends it to the kernel, mid-training."""
+    import nbcustom
+    from nbcustom import worker
+
+    store = tmp_path / "store"
+    nbcustom.finetune("fmt", llm_task.rows(16), store=store, base=str(tiny), max_steps=2, eval_frac=0.25, max_new_tokens=4, ui="none")
+    before = snapshot(store)
+    seen = []
+
+    def interrupt():
+        while not seen:
+            seen.extend(p.pid for p in __import__("multiprocessing").active_children() if p.name == worker.NAME)
+            time.sleep(0.05)
+        time.sleep(2.0)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        nbcustom.finetune("fmt", llm_task.rows(16), store=store, base=str(tiny), max_steps=500, batch_size=2, eval_frac=0.25,
+                          max_new_tokens=4, ui="none")
+    assert time.monotonic() - started < 60
+    assert seen and not any(Path(f"/proc/{pid}").exists() for pid in seen)
+    assert snapshot(store) == before
+
+
+def test_memory_limit_must_be_a_size(worker_on, tmp_path, monkeypatch):
+    import nbcustom
+    from nbcustom.errors import NbCustomError
+
+    monkeypatch.setenv("NBCUSTOM_MEMORY_LIMIT", "lots")
+    from nbcustom import settings
+
+    if settings._kernel is not None:
+        monkeypatch.setattr(settings._kernel, "memory_limit", "lots")
+    with pytest.raises(NbCustomError, match="write it as 8GB, 512MB or off"):
+        nbcustom.finetune("fmt", llm_task.rows(8), store=tmp_path / "store", ui="none")
+    assert not (tmp_path / "store").exists()
+
+
+if sys.platform != "linux":  # the fork server, /proc and process groups
+    pytestmark = pytest.mark.skip("the worker tests need Linux")
