@@ -3,6 +3,7 @@ line; reads open the catalog read-only; writers and readers in several processes
 
 import contextlib
 import datetime as dt
+import os
 import shutil
 import stat
 import subprocess
@@ -183,13 +184,11 @@ def test_a_broken_catalog_in_a_store_no_one_may_write_is_read_from_the_folders(s
     assert (store_dir / "catalog.duckdb").read_bytes() == data and not list(store_dir.glob("*.broken-*"))
 
 
-_WRITER = """
-import sys
-from nbcustom.store import Store
-store = Store(sys.argv[1])
+_KERNEL = """
+import sys, duckdb, nbcustom
+con = duckdb.connect(sys.argv[2], read_only=True)
 for i in range(20):
-    with store.build("m", "automl") as build:
-        (build.model_dir / "weights.bin").write_bytes(f"{sys.argv[2]}-{i}".encode() * 1000)
+    nbcustom.rag("docs", "SELECT * FROM docs", con=con, store=sys.argv[1], ui="none")
 """
 _READER = """
 import os, sys
@@ -204,21 +203,67 @@ print(reads)
 """
 
 
-def test_two_writers_and_a_reader(store_dir, tmp_path):
+def test_two_kernels_and_the_cron_command_commit_while_a_reader_reads(store_dir, tmp_path):
+    """Issue 27.5: two processes committing through the API as kernels do and ``nbcustom
+    jobs run`` (cron) running a job 20 times, all on one RAG index, while a reader loads
+    every version it sees: distinct numbers, valid checksums, no error."""
+    import duckdb
+    import nbcustom
+    from nbcustom import jobs
+
+    database = str(tmp_path / "shop.duckdb")
+    with duckdb.connect(database) as con:
+        con.execute("CREATE TABLE docs AS SELECT * FROM (VALUES (1, 'The office opens at 8.'), (2, 'Lunch is at noon.')) t(id, text)")
+    with duckdb.connect(database, read_only=True) as con:
+        nbcustom.rag("docs", "SELECT * FROM docs", con=con, store=store_dir, ui="none")
+    jobs.schedule(Store(store_dir), "docs", "1d", database=database, cron=True)
+    env = {**os.environ, "NBCUSTOM_WORKER": "off", "NBCUSTOM_STORE": str(store_dir)}
     done = tmp_path / "done"
-    reader = subprocess.Popen([sys.executable, "-c", _READER, str(store_dir), str(done)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(store_dir), tag], stderr=subprocess.PIPE, text=True) for tag in "ab"]
-    for writer in writers:
-        assert writer.wait(300) == 0, writer.stderr.read()
+    start = lambda args: subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    reader = start(["-c", _READER, str(store_dir), str(done)])
+    writers = [start(["-c", _KERNEL, str(store_dir), database]) for _ in range(2)]
+    writers.append(start(["-m", "nbcustom.cli", "jobs", "run", *["docs"] * 20]))
+    outputs = [writer.communicate(timeout=600) for writer in writers]
     done.touch()
-    out, err = reader.communicate(timeout=120)
+    reads, err = reader.communicate(timeout=120)
+    for writer, (out, err_) in zip(writers, outputs):
+        assert writer.returncode == 0, err_
+        assert not [line for line in err_.splitlines() if line.strip() and not line.startswith("nbcustom: waiting for the store")], err_
     assert reader.returncode == 0, err
-    assert int(out) > 0  # the reader read versions while they were being written
+    assert int(reads) > 0  # the reader read versions while they were being written
+    cron = outputs[2][0].splitlines()
+    assert len(cron) == 20 and all(line.startswith("docs: ok -> v") for line in cron), cron
     store = Store(store_dir)
-    assert [r["version"] for r in store.versions("m")] == list(range(1, 41))
-    payloads = {store.get("m", v).model_dir.joinpath("weights.bin").read_bytes() for v in range(1, 41)}
-    assert len(payloads) == 40
-    assert store.check() == []
+    assert [r["version"] for r in store.versions("docs")] == list(range(1, 62))
+    assert store.check() == []  # every checksum valid, nothing left over
+
+
+def test_a_writer_that_waits_for_the_store_says_so_in_one_line(store_dir):
+    store = Store(store_dir)
+    save(store, "m")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(store_dir)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    waiter = subprocess.run([sys.executable, "-c", _SAVER, str(store_dir)], capture_output=True, text=True, timeout=60)
+    holder.wait(30)
+    assert waiter.returncode == 0, waiter.stderr
+    lines = waiter.stderr.strip().splitlines()
+    assert lines == [f"nbcustom: waiting for the store {store_dir}: process {holder.pid} (-c) is writing it"], lines
+    assert [r["version"] for r in store.versions("m")] == [1, 2]
+
+
+_HOLDER = """
+import sys, time
+from nbcustom.store import Store
+with Store(sys.argv[1])._locked():
+    print("holding", flush=True)
+    time.sleep(2.5)
+"""
+_SAVER = """
+import sys
+from nbcustom.store import Store
+with Store(sys.argv[1]).build("m", "automl") as build:
+    (build.model_dir / "weights.bin").write_bytes(b"w")
+"""
 
 
 def test_a_store_no_one_may_write_predicts(store_dir, tmp_path):

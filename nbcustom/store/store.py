@@ -23,6 +23,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -108,6 +109,7 @@ class Build:
         return path
 
 
+QUIET_WAIT = 1.0  # seconds a process waits for the store lock before it says so
 _told: set[Path] = set()  # stores whose unreadable catalog a read-only user was told about
 
 
@@ -140,11 +142,32 @@ class Store:
                 self.root.mkdir(parents=True, exist_ok=True)
                 lock = open(self.root / ".lock", "a+")
         with lock:
-            lock_file(lock, shared=shared)
+            self._wait_for(lock, shared)
             try:
                 yield
             finally:
                 unlock_file(lock)
+
+    def _wait_for(self, lock, shared: bool) -> None:
+        """Take the store lock; when another process holds it for more than ``QUIET_WAIT``
+        seconds (a long commit, a copy into the store), say so in one line and wait. A
+        writer leaves its pid and program in the lock file for that line."""
+        waited = 0.0
+        while not lock_file(lock, blocking=False, shared=shared):
+            if waited >= QUIET_WAIT:
+                lock.seek(0)
+                holder = lock.read().strip() or "another process"
+                print(f"nbcustom: waiting for the store {self.root}: {holder} is writing it", file=sys.stderr, flush=True)
+                lock_file(lock, shared=shared)
+                break
+            time.sleep(0.01)
+            waited += 0.01
+        if not shared:
+            with contextlib.suppress(OSError):
+                lock.seek(0)
+                lock.truncate()
+                lock.write(f"process {os.getpid()} ({Path(sys.argv[0]).name or 'python'})")
+                lock.flush()
 
     @contextlib.contextmanager
     def _writing(self, findings: list | None = None) -> Iterator[Any]:
