@@ -84,7 +84,7 @@ class FinetuneSpec(Spec):
     system: str | None = option(None, "system message for every example (or a `system` column)")
     epochs: float = option(3.0, "training epochs", type=float)
     max_steps: int | None = option(None, "stop after this many optimizer steps", type=int)
-    lr: float = option(2e-4, "learning rate", type=float)
+    lr: float | None = option(None, "learning rate (default: 3e-3 for a label task, 2e-4 for free text)", type=float)
     batch_size: int | None = option(None, "examples per step (default: chosen from the data)", type=int)
     max_length: int = option(512, "longest example in tokens; longer ones are dropped", type=int)
     lora_r: int = option(16, "LoRA rank", type=int)

@@ -13,8 +13,10 @@ best of its repeats; every run is printed. nbcustom's holdout evaluations during
 stopping; the Trainer script runs none) are timed apart and printed; its checkpoints are
 counted. Each run is a fresh subprocess (so each loads the model once and its peak RSS is
 its own).
-Targets (issue 14), on ragged rows (20-400 tokens per example) and on short rows (30-80
-tokens, a label task): at least 2.0x the float32 script and 1.3x the bf16 script.
+Targets, on ragged rows (20-400 tokens per example) and on short rows (30-80 tokens, a
+label task): on a CPU with native bf16 (issue 14), at least 2.0x the float32 script and 1.3x
+the bf16 script; on a CPU without (issue 26; the bf16 script would only emulate bf16, about
+25x slower, so it is not run), at least 2.0x (ragged) and 1.5x (short) the float32 script.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ WORDS = ("the of and to in is you that it he was for on are as with his they at 
          "been its who now people my made over did down only way find use may water long little very after words").split()
 SYSTEM = "Answer briefly."
 SIDES = ("trainer", "trainer-bf16", "nbcustom")  # each run in its own process, in this order (then mirrored)
-TARGETS = {"trainer": 2.0, "trainer-bf16": 1.3}  # nbcustom's speedup over each script
+TARGETS = {"trainer": 2.0, "trainer-bf16": 1.3}  # nbcustom's speedup over each script (native bf16)
+FLOAT32_TARGETS = {"ragged": 2.0, "short": 1.5, "uniform": 1.5}  # over the float32 script (no native bf16)
 
 
 def rows(kind: str, n: int, seed: int = 0):
@@ -156,11 +159,13 @@ def main() -> None:
     print(f"native bf16: {', '.join(precision.cpu_features().native_bf16) or 'none'}; nbcustom --precision auto -> {precision.choose('cpu').name}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"{args.steps} steps of {args.batch_size} examples, LoRA r=16 alpha=32 on q,k,v,o,gate,up,down, SmolLM2-135M-Instruct; each side's fastest of {args.repeat} runs")
     verdicts = []
+    native = bool(precision.cpu_features().native_bf16)
+    sides = SIDES if native else tuple(s for s in SIDES if s != "trainer-bf16")
     for data in args.data:
         print(f"\n{data}: {lengths(data, args.rows)}")
-        runs = {which: [] for which in SIDES}
+        runs = {which: [] for which in sides}
         for turn in range(args.repeat):
-            for which in SIDES if turn % 2 == 0 else SIDES[::-1]:
+            for which in sides if turn % 2 == 0 else sides[::-1]:
                 runs[which].append(measure(which, data, args.rows, args.steps, args.batch_size))
         got = {which: max(r, key=lambda run: run["tokens_per_s"]) for which, r in runs.items()}
         for which, r in got.items():
@@ -169,7 +174,7 @@ def main() -> None:
             every = f" (runs: {speeds})" if args.repeat > 1 else ""
             peak = max(run["peak_rss_gb"] for run in runs[which])
             print(f"  {which:12s} {r['tokens']:6d} real tokens in {r['seconds']:6.1f}s = {r['tokens_per_s']:6.1f} tokens/s{every}, peak RSS {peak:.2f} GB{evaluations}")
-        for baseline, target in TARGETS.items():
+        for baseline, target in (TARGETS if native else {"trainer": FLOAT32_TARGETS[data]}).items():
             ratio = got["nbcustom"]["tokens_per_s"] / got[baseline]["tokens_per_s"]
             verdicts.append(ratio >= target)
             print(f"  nbcustom / {baseline}: {ratio:.2f}x (target >= {target}x): {'PASS' if verdicts[-1] else 'FAIL'}")

@@ -6,6 +6,11 @@ in one run. It decided the label default of ``--patience``: it must save time at
 accuracy.
 
     .venv/bin/python tests/benchmarks/bench_finetune_labels.py [--rows 200] [--epochs 2]
+    .venv/bin/python tests/benchmarks/bench_finetune_labels.py --sweep 2e-4 1e-3 3e-3 [--epochs 3]
+
+``--sweep`` instead runs ``%%finetune`` with its defaults (``--keep best``, ``--patience`` 2
+for labels) at each learning rate, plus one run with no ``--lr`` at all (what a user gets),
+and prints each one's wall time, training seconds, steps and held-out accuracy.
 
 The data is tests/label_task.py's ticket set (five teams, learnable from keywords). Both
 runs use the same split, seed and options, in this process, after one warm-up load of the
@@ -37,8 +42,18 @@ def run(frame, store: str, **options) -> dict:
     return {
         "seconds": seconds, "accuracy": m["metrics"]["after"]["accuracy"], "before": m["metrics"]["before"]["accuracy"],
         "macro_f1": m["metrics"]["after"]["macro_f1"], "steps": m["llm"]["steps"], "planned": m["llm"]["planned_steps"],
-        "best_step": m["llm"]["best_step"], "kept_step": m["llm"]["kept_step"],
+        "best_step": m["llm"]["best_step"], "kept_step": m["llm"]["kept_step"], "train_seconds": m["llm"].get("train_seconds"),
+        "lr": m["llm"]["lr"],
     }
+
+
+def sweep(frame, rates: list[float], epochs: float) -> None:
+    for rate in [None, *rates]:
+        with tempfile.TemporaryDirectory() as store:
+            r = run(frame, store, epochs=epochs, eval_frac=0.1, **({"lr": rate} if rate else {}))
+        name = f"lr {r['lr']:g}" + (" (no --lr: the default)" if rate is None else "")
+        print(f"{name:32s} {r['seconds']:7.1f} s (training {r['train_seconds'] or 0:6.1f} s)  accuracy {r['accuracy']:.3f} "
+              f"(before {r['before']:.3f})  macro-F1 {r['macro_f1']:.3f}  steps {r['steps']}/{r['planned']}  kept {r['kept_step']}", flush=True)
 
 
 def main() -> None:
@@ -46,12 +61,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=200)
     parser.add_argument("--epochs", type=float, default=2.0)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--sweep", type=float, nargs="+", help="learning rates to compare with the default options")
     args = parser.parse_args()
 
     from nbcustom import models
 
     models.load_llm(models.resolve_llm(None), "cpu", "float32")  # warm-up: no run pays for the load
     frame = label_task.rows(args.rows)
+    if args.sweep:
+        print(f"label set: {args.rows} tickets, 5 labels; epochs {args.epochs}, holdout 10%; tickets of {frame['prompt'].str.split().str.len().min()}-{frame['prompt'].str.split().str.len().max()} words; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        return sweep(frame, args.sweep, args.epochs)
     common = {"epochs": args.epochs, "lr": args.lr, "eval_frac": 0.1}
     print(f"label set: {args.rows} tickets, 5 labels; epochs {args.epochs}, lr {args.lr}, holdout 10%; CPU, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
