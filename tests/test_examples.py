@@ -49,12 +49,12 @@ def manifest(tmp_path, name: str, version: int) -> dict:
 
 
 def test_quickstart_through_papermill_with_changed_parameters(tmp_path, monkeypatch):
-    params = {"N_PRODUCTS": 40, "FINETUNE_STEPS": 6, "N_HOUSES": 200, "TIME_LIMIT": 8}
+    params = {"N_PRODUCTS": 24, "FINETUNE_STEPS": 3, "N_HOUSES": 120, "TIME_LIMIT": 5}
     nb = execute("quickstart.ipynb", params, tmp_path, monkeypatch)
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
-    assert injected and "FINETUNE_STEPS = 6" in injected[0].source
-    assert manifest(tmp_path, "product_line", 1)["counts"]["steps"] == 6
-    assert manifest(tmp_path, "house_prices", 2)["counts"]["previous"] == 200
+    assert injected and "FINETUNE_STEPS = 3" in injected[0].source
+    assert manifest(tmp_path, "product_line", 1)["counts"]["steps"] == 3
+    assert manifest(tmp_path, "house_prices", 2)["counts"]["previous"] == 120
     assert "house_id" not in manifest(tmp_path, "house_prices", 1)["feature_importance"]  # --key is no feature
     for magic in ("%%finetune", "%%retrain", "%%rag handbook --eval"):
         html = summary(cell(nb, magic))["text/html"]

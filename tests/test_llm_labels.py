@@ -229,3 +229,17 @@ def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
     assert run["resumed_from"] == 7 and run["steps"] == 8 and sorted(evals) == list(range(1, 9))
     assert run["best_eval_loss"] == min(evals.values()) == evals[run["best_step"]]
     assert _holdout_loss(version, frame) == pytest.approx(run["best_eval_loss"], rel=1e-5)
+
+
+def test_without_lr_a_label_task_trains_at_3e_3_and_free_text_at_2e_4(tmp_path):
+    """The default learning rate follows the task (tests/benchmarks/RESULTS.md, label tasks)."""
+    import nbcustom
+
+    tiny = llm_task.tiny_base(tmp_path / "tiny")
+    options = dict(store=tmp_path / "store", base=str(tiny), max_steps=1, eval_frac=0.25, max_new_tokens=2, ui="none")
+    labels = nbcustom.finetune("router", label_task.rows(20), **options)
+    text = nbcustom.finetune("fmt", llm_task.rows(12), **options)
+    assert (labels.manifest["llm"]["task"], labels.manifest["llm"]["lr"]) == ("labels", 3e-3)
+    assert (text.manifest["llm"]["task"], text.manifest["llm"]["lr"]) == ("text", 2e-4)
+    given = nbcustom.finetune("router", label_task.rows(20), lr=5e-4, **options)
+    assert given.manifest["llm"]["lr"] == 5e-4
