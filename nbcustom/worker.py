@@ -82,7 +82,8 @@ def run(train, spec, rows, previous, build, display, kind: str):
 
     context = _context()
     kernel_end, worker_end = context.Pipe()
-    job = {"train": train, "spec": spec, "rows": rows, "previous": previous, "build": _Build.of(build),
+    # the worker gets a copy of the build (its folder and names); undos it registers come back
+    job = {"train": train, "spec": spec, "rows": rows, "previous": previous, "build": build,
            "environ": dict(os.environ), "settings": settings.snapshot()}
     limit = memory_limit() or float("inf")
     watch = _Watch(kind, display)
@@ -152,28 +153,9 @@ def _without_main(prepare):
     return preparation_data
 
 
-class _Build:
-    """What an engine uses of the store's ``Build``, sent to the worker: its folder and names.
-    ``on_abort`` undos go back to the kernel when they can be pickled, so they run also when
-    the worker dies; the rest run in the worker when its run fails."""
-
-    def __init__(self, name, kind, path):
-        self.name, self.kind, self.path = name, kind, Path(path)
-        self.on_abort = []
-
-    @classmethod
-    def of(cls, build) -> "_Build":
-        return cls(build.name, build.kind, build.path)
-
-    @property
-    def model_dir(self) -> Path:
-        path = self.path / "model"
-        path.mkdir(exist_ok=True)
-        return path
-
-
 class _Undos(list):
-    """The worker's ``build.on_abort``: an undo that pickles is sent to the kernel at once."""
+    """The worker's ``build.on_abort``: an undo that pickles is sent to the kernel at once,
+    so it runs also when the worker dies; the others run in the worker when its run fails."""
 
     def __init__(self, connection):
         super().__init__()

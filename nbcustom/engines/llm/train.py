@@ -143,7 +143,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
         info={
             "base": {"name": base or models.DEFAULT_LLM, "path": str(path), "id": model.config.name_or_path},
             "llm": {
-                "prompt": spec.prompt, "response": spec.response, "system": system, "task": "labels" if labels else "text", "labels": labels, "lr": spec.lr,
+                "prompt": spec.prompt, "response": spec.response, "system": system, "task": task, "labels": labels, "lr": spec.lr,
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
                 "batch_size": batch_size, "device": device, "dtype": dtype, "precision": {"name": run_on.name, "compute": run_on.compute, "why": run_on.why}, **run,
             },
