@@ -23,8 +23,8 @@ try:
     from nbcustom import models
 
     with contextlib.suppress(Exception):  # a missing or unconverted default loads in the run
-        if (models.cache_dir() / "models" / models.DEFAULT_LLM / "config.json").exists():
-            models.load_llm(models.resolve_llm(None))
+        if models.converted_default():
+            models.load_llm(models.converted_default())
     with contextlib.suppress(Exception):
         from nbcustom.engines.rag import index, models as rag_models
 

