@@ -187,14 +187,16 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
 def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options):
     """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
     spec = PredictSpec.from_options(**options)
-    rows = rows_of(data, namespace, con)
     store = _store(store)
     current = store.get(known(store, name), spec.version)
     if current.kind != "rag" and (spec.where or spec.search):
         raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model: leave them out")
     model = engine(current.kind).load(current)
-    chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
-    result = model.predict(rows, **{k: v for k, v in chosen if v})
+    if isinstance(data, str) and not data.strip() and hasattr(model, "forecast"):
+        result = model.forecast()  # a forecaster without a query: the steps after its own rows
+    else:
+        chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
+        result = model.predict(rows_of(data, namespace, con), **{k: v for k, v in chosen if v})
     if spec.into:
         target = con if con is not None else _data.default_session().con
         target.register("__nbcustom_predictions", result)
@@ -203,6 +205,18 @@ def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
         finally:
             target.unregister("__nbcustom_predictions")
     return result
+
+
+def forecast(name: str, *, version: int | None = None, store=None):
+    """The next ``--horizon`` steps of every series of the time-series model ``name`` after
+    its own rows (``%%predict NAME`` with an empty body); a model with known covariates needs
+    their planned values: ``predict(name, planned_rows)``."""
+    store = _store(store)
+    current = store.get(known(store, name), version)
+    model = engine(current.kind).load(current)
+    if not hasattr(model, "forecast"):
+        raise NbCustomError(f"{name} is not a time-series model: forecast() is for models made by %%retrain --timestamp; use predict(name, rows)")
+    return model.forecast()
 
 
 def load(name: str, version: int | None = None, *, store=None, kind: str | None = None):

@@ -42,6 +42,11 @@ class Spec:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def columns(self, name: str) -> list[str]:
+        """A comma-separated column list option as a list."""
+        value = getattr(self, name)
+        return [c.strip() for c in value.split(",") if c.strip()] if value else []
+
     def _positive(self, *names: str) -> None:
         fields = {f.name: f for f in dataclasses.fields(self)}
         for name in names:
@@ -123,6 +128,7 @@ class RetrainSpec(Spec):
     timestamp: str | None = option(None, "time column: makes it a time-series model")
     item_id: str | None = option(None, "series id column (time series; default one series)")
     horizon: int | None = option(None, "steps to forecast (time series; default 7)", type=int)
+    known: str | None = option(None, "time series: known covariates, comma-separated: columns whose future values are given when forecasting")
     key: str | None = option(None, "a new row replaces the old row with the same key")
     time_limit: int = option(60, "seconds for AutoGluon's fit", type=int)
     presets: str = option("medium_quality", "AutoGluon presets")
@@ -137,16 +143,17 @@ class RetrainSpec(Spec):
         self._fraction("eval_frac")
 
     def inherit(self, previous: dict | None) -> "RetrainSpec":
-        """Fill the data-shape options left out (target, timestamp, item id, horizon, key)
+        """Fill the data-shape options left out (target, timestamp, item id, horizon, key, known)
         from the previous version's options, then check the result."""
         if previous:
-            for name in ("target", "timestamp", "item_id", "horizon", "key"):
+            for name in ("target", "timestamp", "item_id", "horizon", "key", "known"):
                 if getattr(self, name) is None:
-                    setattr(self, name, previous.get(name))
+                    value = previous.get(name)
+                    setattr(self, name, ",".join(value) if isinstance(value, list) else value)
         if not self.target:
             raise NbCustomError("--target COL is required: name the column to predict")
-        if (self.item_id or self.horizon) and not self.timestamp:
-            raise NbCustomError("--item-id and --horizon need --timestamp COL (time series)")
+        if (self.item_id or self.horizon or self.known) and not self.timestamp:
+            raise NbCustomError("--item-id, --horizon and --known need --timestamp COL (time series)")
         if self.timestamp and self.horizon is None:
             self.horizon = 7
         return self
@@ -184,9 +191,6 @@ class RagSpec(Spec):
         if not 0 <= self.chunk_overlap < self.chunk_size:
             raise NbCustomError("--chunk-overlap must be at least 0 and smaller than --chunk-size")
 
-    def columns(self, name: str) -> list[str]:
-        value = getattr(self, name)
-        return [c.strip() for c in value.split(",") if c.strip()] if value else []
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,21 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # patch engines and read their counters. Notebook kernels (notebooks.run_notebook, the
 # examples) train in worker processes, the default; tests/test_worker.py tests the worker.
 os.environ["NBCUSTOM_WORKER"] = "off"
+# Under pytest-xdist (`make test` runs two test processes), each process and every kernel,
+# worker and subprocess it starts gets its share of the cores: OpenMP's threads of two
+# processes that each take every core spin against each other and are slower than one.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _thread_share():
+    """Each test starts with its process's share of threads: AutoGluon's fits set torch's
+    thread count to every core and leave it there."""
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(THREADS)
 
 
 class TestingShell(InteractiveShell):
@@ -70,3 +86,19 @@ def snapshot(root: Path) -> dict:
             state[f"catalog:{table}"] = con.execute(f"SELECT * FROM {table} ORDER BY ALL").fetchall()
         con.close()
     return state
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's ``--dist loadgroup``: the tests of a module that builds a
+    module-scoped fixture (a trained version, an index) run in one process, so it is built
+    once; the tests that use the PostgreSQL server share one; the slow tests start first, so
+    that no process is left with a long one at the end."""
+    if getattr(config.option, "dist", "no") != "loadgroup":
+        return
+    for item in items:
+        definitions = item._fixtureinfo.name2fixturedefs
+        if "postgres" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("postgres"))
+        elif any(d[-1].scope == "module" for name, d in definitions.items() if name in item.fixturenames):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -1,9 +1,14 @@
 """A notebook with %%retrain twice, %%predict and %nbc versions runs headless (nbclient) and
-its saved outputs keep the before/after table and the charts."""
+its saved outputs keep the before/after table and the charts; a forecast with known
+covariates is handed next weeks' plan."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+from notebooks import run_notebook
 
 CELLS = [
     "%load_ext nbcustom",
@@ -15,22 +20,24 @@ CELLS = [
     "%%retrain wine --time-limit 10\nSELECT * FROM wine",
     "%%predict wine\nSELECT * EXCLUDE (cultivar) FROM wine LIMIT 5",
     "%nbc versions wine",
+    "import sys; sys.path.insert(0, {tests!r})\nimport sales_task\nweekly = sales_task.rows(stores=6, weeks=60)\nplan = sales_task.plan(weekly, 4)",
+    "%%retrain sales --target units --timestamp week --item-id store --horizon 4 --known promo,price --time-limit 15\nSELECT * FROM weekly",
+    "%%predict sales --into forecast\nSELECT store, week, promo, price FROM plan",
+    "# raises\n%%predict sales\nSELECT store, week, promo FROM plan",
 ]
 
 
 @pytest.mark.slow
-def test_notebook_with_retrain_predict_and_versions_runs_headless(tmp_path, monkeypatch):
+def test_notebook_with_retrain_predict_and_versions_runs_headless(tmp_path):
     import nbformat
-    from nbclient import NotebookClient
 
-    monkeypatch.setenv("NBCUSTOM_STORE", str(tmp_path / "store"))
-    monkeypatch.setenv("NBCUSTOM_UI", "static")
-    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in CELLS])
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    tests = str(Path(__file__).parent)
+    nb = run_notebook([c.replace("{tests!r}", repr(tests)) for c in CELLS], tmp_path / "store", timeout=600)
     nbformat.write(nb, tmp_path / "retrain.ipynb")
 
     outputs = [cell.outputs for cell in nb.cells]
-    assert not [o for cell in outputs for o in cell if o.output_type == "error"]
+    errors = {i: o for i, cell in enumerate(outputs) for o in cell if o.output_type == "error"}
+    assert sorted(errors) == [9], errors
     for cell, before, after in ((2, "baseline", "v1"), (3, "v1", "v2")):
         html = " ".join(o.data.get("text/html", "") for o in outputs[cell] if o.output_type == "display_data")
         assert before in html and after in html and "accuracy" in html and "leaderboard" in html
@@ -41,3 +48,10 @@ def test_notebook_with_retrain_predict_and_versions_runs_headless(tmp_path, monk
     assert "prediction" in predicted and "proba_a" in predicted
     versions = outputs[5][-1].data["text/plain"]
     assert "accuracy" in versions and "2" in versions
+
+    # the forecast with known covariates: its roles in the summary, each planned row forecast
+    html = " ".join(o.data.get("text/html", "") for o in outputs[7] if o.output_type == "display_data")
+    assert "known covariates" in html and "static features (constant within every series): size" in html and "covariates" in html
+    planned = outputs[8][-1].data["text/plain"]
+    assert "p10" in planned and "p90" in planned and "s05" in planned
+    assert "lack sales's known covariate price" in errors[9].evalue and "\n" not in errors[9].evalue

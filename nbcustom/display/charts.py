@@ -78,10 +78,16 @@ def bar_chart(values: Mapping[str, float], title: str, xlabel: str = "") -> byte
     return _png(fig)
 
 
-def forecast_chart(history_x, history_y, actual_x, actual_y, series: Mapping[str, tuple], title: str = "forecast vs actual", band=None) -> bytes:
-    """History, actual holdout values and one or more forecasts (label -> (x, y))."""
+def forecast_chart(history_x, history_y, actual_x, actual_y, series: Mapping[str, tuple], title: str = "forecast vs actual", band=None,
+                   marks=None) -> bytes:
+    """History, actual holdout values and one or more forecasts (label -> (x, y)); ``band``:
+    (x, low, high) shaded; ``marks``: (x values, label) of steps shaded as set."""
     fig = _figure(7, 3.4)
     ax = fig.add_subplot()
+    if marks is not None:
+        xs, label = marks
+        for n, x in enumerate(xs):
+            ax.axvline(x, color="#d29922", alpha=0.3, linewidth=5, label=f"{label} set" if n == 0 else None)
     ax.plot(history_x, history_y, color="#57606a", linewidth=1, label="history")
     ax.plot(actual_x, actual_y, color="black", linewidth=1.5, label="actual")
     for (label, (x, y)), colour in zip(series.items(), ["#9aa4ad", "#2f81f7", "#bf3989"]):

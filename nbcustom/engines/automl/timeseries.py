@@ -13,6 +13,7 @@ import warnings
 
 from .. import Outcome
 from ...errors import NbCustomError
+from . import covariates as _cov
 from . import drift as _drift
 from .common import accumulate, previous_rows, quiet, require_columns, rounded
 
@@ -33,16 +34,18 @@ def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     target, stamp, item, horizon = spec.target, spec.timestamp, spec.item_id, spec.horizon
     require_columns(rows, {"--target": target, "--timestamp": stamp, "--item-id": item})
-    new = _clean(rows, target, stamp, item)
     base = rows_from or previous
     old = previous_rows(base)
     if old is not None:
         require_columns(old, {"--item-id": item}, hint=f"; v{base.version} had no such column")
-        old = _clean(old, target, stamp, item)
+    roles = _cov.roles(rows, target, stamp, item, spec.columns("known"), exclude=[spec.key], old=old)
+    new = _clean(rows, target, stamp, item, roles.columns)
+    if old is not None:
+        old = _clean(old, target, stamp, item, roles.columns)
     data, counts = accumulate(old, new, [c for c in (item, stamp) if c])
     data = data.sort_values([c for c in (item, stamp) if c], kind="stable").reset_index(drop=True)
     _check_lengths(data, item, horizon, minimum=3 * horizon + 1)
-    series = _series(data, target, stamp, item)
+    series = _series(data, target, stamp, item, roles.static)
     freq = _frequency(series)
     train_part = series.slice_by_timestep(None, -horizon)
     counts.update(trained=len(train_part), held_out=len(series) - len(train_part), series=series.num_items)
@@ -57,13 +60,15 @@ def train(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     started = time.monotonic()
     with quiet():
         predictor = TimeSeriesPredictor(
-            target=target, prediction_length=horizon, freq=freq, eval_metric=spec.metric,
+            target=target, prediction_length=horizon, freq=freq, eval_metric=spec.metric, known_covariates_names=roles.known or None,
             path=str(build.model_dir / PREDICTOR), verbosity=0,
         ).fit(train_part, presets=spec.presets, hyperparameters=hyperparameters, time_limit=spec.time_limit, random_seed=spec.seed)
     fit_seconds = time.monotonic() - started
     _report_models(predictor, display)
-    outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed)
-    outcome.info.update(schema={"target": target, "timestamp": stamp, "item_id": item, "horizon": horizon, "key": spec.key}, time_limit=spec.time_limit)
+    outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed, roles)
+    outcome.info.update(schema={"target": target, "timestamp": stamp, "item_id": item, "horizon": horizon, "key": spec.key, **roles.schema()},
+                        time_limit=spec.time_limit)
+    outcome.notes.extend(roles.notes)
     if skipped:
         outcome.info["skipped_models"] = skipped
         outcome.notes.extend(skipped)
@@ -77,10 +82,12 @@ def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     display.phase("checking rows")
     schema = previous.manifest["schema"]
     target, stamp, item, horizon = schema["target"], schema["timestamp"], schema.get("item_id"), schema["horizon"]
-    require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {previous.name} needs it")
-    new = _clean(rows, target, stamp, item)
+    roles = _cov.Roles.of(schema)
+    require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item, **{f"covariate {c}": c for c in roles.columns}},
+                    hint=f"; {previous.name} needs it")
+    new = _clean(rows, target, stamp, item, roles.columns)
     _check_lengths(new, item, horizon, minimum=2 * horizon + 1)
-    series = _series(new, target, stamp, item)
+    series = _series(new, target, stamp, item, roles.static)
     old_predictor = _load(previous)
     reused = _best_model(old_predictor)
     reused["from_version"] = previous.version
@@ -95,16 +102,16 @@ def update(spec, rows, previous, build, display, rows_from=None) -> Outcome:
     with quiet():
         predictor = TimeSeriesPredictor(
             target=target, prediction_length=horizon, freq=old_predictor.freq, eval_metric=old_predictor.eval_metric.name,
-            path=str(build.model_dir / PREDICTOR), verbosity=0,
+            known_covariates_names=roles.known or None, path=str(build.model_dir / PREDICTOR), verbosity=0,
         ).fit(
             train_part, hyperparameters={reused["model_type"]: reused["hyperparameters"]}, time_limit=time_limit,
             enable_ensemble=False, skip_model_selection=True, random_seed=spec.seed,
         )
     fit_seconds = time.monotonic() - started
-    old = _clean(previous_rows(rows_from or previous), target, stamp, item)
+    old = _clean(previous_rows(rows_from or previous), target, stamp, item, roles.columns)
     data, counts = accumulate(old, new, [c for c in (item, stamp) if c])
     counts.update(trained=len(train_part), held_out=len(series) - len(train_part), series=series.num_items)
-    outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed, old_predictor)
+    outcome = _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, spec.seed, roles, old_predictor)
     outcome.info.update(reused=reused, schema=schema, time_limit=time_limit)
     outcome.notes.append(f"update on the new rows only, with v{previous.version}'s {reused['model']} hyperparameters; holdout = the last {horizon} new steps of each series")
     _drift.attach(outcome, _drift.report(old, new, f"v{(rows_from or previous).version}", skip=[stamp]))
@@ -116,19 +123,20 @@ def drift(version, rows) -> dict | None:
     the target, and the item id's unseen series."""
     schema = version.manifest["schema"]
     target, stamp, item = schema["target"], schema["timestamp"], schema.get("item_id")
+    columns = [c for c in _cov.Roles.of(schema).columns if c in rows.columns]
     require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {version.name} needs it")
-    old = _clean(previous_rows(version), target, stamp, item)
-    return _drift.report(old, _clean(rows, target, stamp, item), f"v{version.version}", skip=[stamp])
+    old = _clean(previous_rows(version), target, stamp, item, columns)
+    return _drift.report(old, _clean(rows, target, stamp, item, columns), f"v{version.version}", skip=[stamp])
 
 
 # --- scoring, shared by both ----------------------------------------------------------
-def _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, seed, old=None) -> Outcome:
+def _outcome(predictor, series, train_part, data, counts, previous, display, fit_seconds, seed, roles, old=None) -> Outcome:
     display.phase("evaluating")
     horizon = predictor.prediction_length
     metrics = list(dict.fromkeys([predictor.eval_metric.name, *METRICS]))
     with quiet():
         after = _scores(predictor, series, metrics)
-        after_forecast = predictor.predict(train_part)
+        after_forecast = _forecast(predictor, train_part, series)
         leaderboard = predictor.leaderboard(series)
     display.step(1, 2, **{predictor.eval_metric.name: after[predictor.eval_metric.name]})
     notes = [f"holdout: the last {horizon} steps of each series; the model never trains on them"]
@@ -153,12 +161,15 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
             baseline = "seasonal naive: each step repeats the value one season earlier"
             notes.insert(0, f"before = {baseline}, since there is no previous version")
         before = _scores(before_model, series, metrics)
-        before_forecast = before_model.predict(train_part)
+        before_forecast = _forecast(before_model, train_part, series)
     display.step(2, 2)
     notes.append("leaderboard scores are in AutoGluon's higher-is-better form (error metrics negated)")
-    chart = _chart(series, train_part, before_forecast, after_forecast, predictor.target, before_label, horizon)
+    chart = _chart(series, train_part, before_forecast, after_forecast, predictor.target, before_label, horizon, roles.known)
     examples = _examples(series, train_part, before_forecast, after_forecast, predictor.target)
     columns = [c for c in ("model", "score_test", "score_val", "fit_time_marginal", "pred_time_test") if c in leaderboard]
+    if roles.columns:  # models that cannot use covariates are tried all the same
+        leaderboard["covariates"] = _cov.used(predictor, leaderboard["model"], roles)
+        columns.append("covariates")
     info = {
         **({"baseline": baseline} if previous is None else {}),
         "task": "timeseries",
@@ -169,12 +180,19 @@ def _outcome(predictor, series, train_part, data, counts, previous, display, fit
         "best_model": predictor.model_best,
         "freq": predictor.freq,
         "fit_seconds": round(fit_seconds, 2),
+        **({"covariates_used": dict(zip(leaderboard["model"], leaderboard["covariates"]))} if roles.columns else {}),
     }
     return Outcome(
         before=rounded(before), after=rounded(after), counts=counts, train_rows=data, examples=examples,
         charts={"forecast": chart}, tables={"leaderboard": leaderboard[columns]}, info=info, notes=notes,
         before_label=before_label,
     )
+
+
+def _forecast(predictor, history, series):
+    """The forecast after ``history``, given the known covariates of the steps that
+    follow it in ``series``."""
+    return predictor.predict(history, known_covariates=_cov.future(series, predictor.prediction_length, predictor.known_covariates_names))
 
 
 def _scores(predictor, series, metrics) -> dict:
@@ -185,8 +203,9 @@ def _scores(predictor, series, metrics) -> dict:
     return {name: float(raw[name]) * check_get_evaluation_metric(name, predictor.prediction_length).sign for name in metrics}
 
 
-def _chart(series, train_part, before, after, target, before_label, horizon) -> bytes:
-    """History, actual holdout and both forecasts for the longest series."""
+def _chart(series, train_part, before, after, target, before_label, horizon, known=()) -> bytes:
+    """History, actual holdout and both forecasts for the longest series, the steps where
+    a known covariate was set marked."""
     from ...display.charts import forecast_chart
 
     item = series.num_timesteps_per_item().idxmax()
@@ -195,8 +214,9 @@ def _chart(series, train_part, before, after, target, before_label, horizon) -> 
     b, a = before.loc[item], after.loc[item]
     band = (a.index, a["0.1"], a["0.9"]) if {"0.1", "0.9"} <= set(a.columns) else None
     title = "forecast vs actual" + ("" if item == ITEM else f" ({item})")
+    marks = _cov.marks(series.loc[item].iloc[-5 * horizon:], list(known)) if known else None
     return forecast_chart(history.index, history.values, actual.index, actual.values,
-                          {before_label: (b.index, b["mean"]), "new version": (a.index, a["mean"])}, title=title, band=band)
+                          {before_label: (b.index, b["mean"]), "new version": (a.index, a["mean"])}, title=title, band=band, marks=marks)
 
 
 def _examples(series, train_part, before, after, target):
@@ -208,25 +228,13 @@ def _examples(series, train_part, before, after, target):
 
 
 # --- data checks --------------------------------------------------------------------------
-def _clean(rows, target, stamp, item):
-    """The columns a forecast uses, typed: timestamps parsed, the target numeric. Other
-    columns are not used (no covariates)."""
+def _clean(rows, target, stamp, item, covariates=()):
+    """The columns a forecast uses, typed: timestamps parsed, the target numeric, the
+    covariates' booleans 0/1."""
     import pandas as pd
 
-    frame = rows[[c for c in (item, stamp, target) if c]].copy()
-    try:
-        with warnings.catch_warnings():  # "could not infer format": the values are read one by one, or the error says why
-            warnings.simplefilter("ignore", UserWarning)
-            frame[stamp] = pd.to_datetime(frame[stamp])
-    except (ValueError, TypeError) as e:
-        raise NbCustomError(
-            f"--timestamp {stamp}: cannot read its values as dates ({str(e).splitlines()[0][:80]}): "
-            "choose a DATE or TIMESTAMP column, or cast it in the SQL"
-        ) from None
-    if getattr(frame[stamp].dt, "tz", None) is not None:
-        frame[stamp] = frame[stamp].dt.tz_convert(None)
-    if frame[stamp].isna().any():
-        raise NbCustomError(f"--timestamp {stamp}: {int(frame[stamp].isna().sum())} rows have no timestamp; filter them out in the SQL")
+    frame = _cov.typed(rows[[c for c in (item, stamp, target, *covariates) if c]].copy(), covariates)
+    _parse_stamps(frame, stamp)
     if not pd.api.types.is_numeric_dtype(frame[target]) or pd.api.types.is_bool_dtype(frame[target]):
         raise NbCustomError(f"--target {target} must be numeric to forecast, but it holds {frame[target].dtype} values such as {frame[target].iloc[0]!r}")
     frame[target] = frame[target].astype("float64")
@@ -244,17 +252,46 @@ def _clean(rows, target, stamp, item):
     return frame.reset_index(drop=True)
 
 
+def _parse_stamps(frame, stamp) -> None:
+    """``frame[stamp]`` as naive datetimes, or a one-line error."""
+    import pandas as pd
+
+    try:
+        with warnings.catch_warnings():  # "could not infer format": the values are read one by one, or the error says why
+            warnings.simplefilter("ignore", UserWarning)
+            frame[stamp] = pd.to_datetime(frame[stamp])
+    except (ValueError, TypeError) as e:
+        raise NbCustomError(
+            f"--timestamp {stamp}: cannot read its values as dates ({str(e).splitlines()[0][:80]}): "
+            "choose a DATE or TIMESTAMP column, or cast it in the SQL"
+        ) from None
+    if getattr(frame[stamp].dt, "tz", None) is not None:
+        frame[stamp] = frame[stamp].dt.tz_convert(None)
+    if frame[stamp].isna().any():
+        raise NbCustomError(f"--timestamp {stamp}: {int(frame[stamp].isna().sum())} rows have no timestamp; filter them out in the SQL")
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else value
 
 
-def _series(frame, target, stamp, item):
-    from autogluon.timeseries import TimeSeriesDataFrame
-
+def _renamed(frame, stamp, item):
     frame = frame.rename(columns={stamp: "timestamp", **({item: "item_id"} if item else {})})
     if not item:
         frame["item_id"] = ITEM
-    return TimeSeriesDataFrame.from_data_frame(frame[["item_id", "timestamp", target]], id_column="item_id", timestamp_column="timestamp")
+    return frame
+
+
+def _series(frame, target, stamp, item, static=()):
+    """AutoGluon's frame: the target and covariates by (item id, timestamp), the static
+    features one row per series."""
+    from autogluon.timeseries import TimeSeriesDataFrame
+
+    frame = _renamed(frame, stamp, item)
+    static = list(static)
+    features = frame.groupby("item_id", sort=False)[static].first().reset_index() if static else None
+    columns = ["item_id", "timestamp", target, *(c for c in frame.columns if c not in ("item_id", "timestamp", target, *static))]
+    return TimeSeriesDataFrame.from_data_frame(frame[columns], id_column="item_id", timestamp_column="timestamp", static_features_df=features)
 
 
 def _check_lengths(frame, item, horizon, minimum):
@@ -359,12 +396,17 @@ def _load(version):
 
 
 class ForecastModel:
-    """A loaded time-series version: ``predict(rows)`` forecasts the next ``horizon`` steps
-    of each series in the rows: item id (if any), ``timestamp``, ``prediction``, ``p10``..."""
+    """A loaded time-series version. ``predict(rows)``: rows with the target are history,
+    and the forecast is of the next ``horizon`` steps of each of their series (item id,
+    ``timestamp``, ...); rows without
+    it are planned steps (item id, timestamp, the known covariates) after the version's own
+    rows, each returned with its forecast. ``forecast()``: the next ``horizon`` steps after
+    the version's rows. Forecasts come as ``prediction``, ``p10`` ... ``p90``."""
 
     def __init__(self, version):
         self.version = version
         self.schema = version.manifest["schema"]
+        self.roles = _cov.Roles.of(self.schema)
         self._predictor = None
 
     @property
@@ -377,17 +419,64 @@ class ForecastModel:
 
     def predict(self, rows, **_):
         target, stamp, item = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id")
+        if target not in rows.columns:
+            return self._planned(rows)
+        if self.roles.known:
+            raise NbCustomError(self._needs_plan())
         require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {self.version.name} forecasts from it")
-        series = _series(_clean(rows, target, stamp, item), target, stamp, item)
-        with quiet():
-            forecast = self.predictor.predict(series)
-        out = forecast.reset_index().rename(columns={"mean": "prediction"})
-        out = out.rename(columns={c: f"p{round(float(c) * 100)}" for c in out.columns if _is_quantile(c)})
-        if item:
-            out = out.rename(columns={"item_id": item})
-        else:
-            out = out.drop(columns="item_id")
+        columns = [c for c in self.roles.columns if c in rows.columns]
+        history = _series(_clean(rows, target, stamp, item, columns), target, stamp, item, [c for c in self.roles.static if c in columns])
+        return self._named(self._predict(history))
+
+    def forecast(self):
+        """The next ``horizon`` steps after the version's own rows (a model without known
+        covariates)."""
+        if self.roles.known:
+            raise NbCustomError(self._needs_plan())
+        return self._named(self._predict(self._history()))
+
+    def _needs_plan(self) -> str:
+        item, stamp, horizon = self.schema.get("item_id"), self.schema["timestamp"], self.schema["horizon"]
+        columns = ", ".join(c for c in (item, stamp, *self.roles.known) if c)
+        return (f"{self.version.name} forecasts with known covariates ({', '.join(self.roles.known)}): %%predict it over the planned rows "
+                f"of the next {horizon} steps ({columns}), without {self.schema['target']}")
+
+    def _history(self, items=None):
+        target, stamp, item = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id")
+        rows = _clean(previous_rows(self.version), target, stamp, item, self.roles.columns)
+        if items is not None:
+            rows = rows[_renamed(rows, stamp, item)["item_id"].isin(items).to_numpy()]
+        return _series(rows, target, stamp, item, self.roles.static)
+
+    def _planned(self, rows):
+        """The forecast of each planned row, from the version's rows before it."""
+        import pandas as pd
+
+        target, stamp, item, horizon = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id"), self.schema["horizon"]
+        require_columns(rows, {"timestamp column": stamp, "item id column": item}, hint=f"; {self.version.name} forecasts the series it names")
+        plan = _renamed(rows.copy(), stamp, item)
+        _parse_stamps(plan, "timestamp")
+        stored = _renamed(_clean(previous_rows(self.version), target, stamp, item), stamp, item)
+        known = _cov.planned(_cov.typed(plan, [c for c in self.roles.known if c in plan]), stored, item, stamp, self.roles.known, horizon,
+                             self.predictor.freq, self.version.name)
+        history = self._history(plan["item_id"].unique())
+        forecast = self._predict(history, known.set_index(["item_id", "timestamp"]) if self.roles.known else None)
+        merged = plan[["item_id", "timestamp"]].merge(forecast, on=["item_id", "timestamp"], how="left")
+        out = rows.reset_index(drop=True).copy()
+        for column in merged.columns.drop(["item_id", "timestamp"]):
+            out[column] = merged[column].to_numpy()
         return out
+
+    def _predict(self, history, known=None):
+        with quiet():
+            forecast = self.predictor.predict(history, known_covariates=known)
+        out = forecast.reset_index().rename(columns={"mean": "prediction"})
+        return out.rename(columns={c: f"p{round(float(c) * 100)}" for c in out.columns if _is_quantile(c)})
+
+    def _named(self, out):
+        """The forecast's series column named as in the rows (none for one series)."""
+        item = self.schema.get("item_id")
+        return out.rename(columns={"item_id": item}) if item else out.drop(columns="item_id")
 
 
 def _is_quantile(name) -> bool:
