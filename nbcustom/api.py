@@ -187,16 +187,18 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
 def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options):
     """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
     spec = PredictSpec.from_options(**options)
+    blank = isinstance(data, str) and not data.strip()  # a forecaster without a query: the steps after its own rows
+    rows = None if blank else rows_of(data, namespace, con)
     store = _store(store)
     current = store.get(known(store, name), spec.version)
     if current.kind != "rag" and (spec.where or spec.search):
         raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model: leave them out")
     model = engine(current.kind).load(current)
-    if isinstance(data, str) and not data.strip() and hasattr(model, "forecast"):
-        result = model.forecast()  # a forecaster without a query: the steps after its own rows
+    if blank and hasattr(model, "forecast"):
+        result = model.forecast()
     else:
         chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
-        result = model.predict(rows_of(data, namespace, con), **{k: v for k, v in chosen if v})
+        result = model.predict(rows if rows is not None else rows_of(data, namespace, con), **{k: v for k, v in chosen if v})
     if spec.into:
         target = con if con is not None else _data.default_session().con
         target.register("__nbcustom_predictions", result)

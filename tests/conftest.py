@@ -87,18 +87,3 @@ def snapshot(root: Path) -> dict:
         con.close()
     return state
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's ``--dist loadgroup``: the tests of a module that builds a
-    module-scoped fixture (a trained version, an index) run in one process, so it is built
-    once; the tests that use the PostgreSQL server share one; the slow tests start first, so
-    that no process is left with a long one at the end."""
-    if getattr(config.option, "dist", "no") != "loadgroup":
-        return
-    for item in items:
-        definitions = item._fixtureinfo.name2fixturedefs
-        if "postgres" in item.fixturenames:
-            item.add_marker(pytest.mark.xdist_group("postgres"))
-        elif any(d[-1].scope == "module" for name, d in definitions.items() if name in item.fixturenames):
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
