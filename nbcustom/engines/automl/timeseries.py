@@ -204,19 +204,25 @@ def _scores(predictor, series, metrics) -> dict:
 
 
 def _chart(series, train_part, before, after, target, before_label, horizon, known=()) -> bytes:
-    """History, actual holdout and both forecasts for the longest series, the steps where
-    a known covariate was set marked."""
+    """History, actual holdout and both forecasts for the longest series (of those, the one
+    where a known covariate was set most often), those steps marked."""
     from ...display.charts import forecast_chart
 
-    item = series.num_timesteps_per_item().idxmax()
+    lengths = series.num_timesteps_per_item()
+    longest = list(lengths.index[lengths == lengths.max()])
+    window = 5 * horizon
+
+    def marked(item):
+        return _cov.marks(series.loc[item].iloc[-window:], list(known)) if known else None
+
+    item = max(longest, key=lambda i: len((marked(i) or ([],))[0]))  # the one where most was planned
     history = train_part.loc[item][target].iloc[-4 * horizon:]
     actual = series.loc[item][target].iloc[-horizon:]
     b, a = before.loc[item], after.loc[item]
     band = (a.index, a["0.1"], a["0.9"]) if {"0.1", "0.9"} <= set(a.columns) else None
     title = "forecast vs actual" + ("" if item == ITEM else f" ({item})")
-    marks = _cov.marks(series.loc[item].iloc[-5 * horizon:], list(known)) if known else None
     return forecast_chart(history.index, history.values, actual.index, actual.values,
-                          {before_label: (b.index, b["mean"]), "new version": (a.index, a["mean"])}, title=title, band=band, marks=marks)
+                          {before_label: (b.index, b["mean"]), "new version": (a.index, a["mean"])}, title=title, band=band, marks=marked(item))
 
 
 def _examples(series, train_part, before, after, target):
