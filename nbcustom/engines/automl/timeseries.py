@@ -429,9 +429,9 @@ class ForecastModel:
             return self._planned(rows)
         if self.roles.known:
             raise NbCustomError(self._needs_plan())
-        require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item}, hint=f"; {self.version.name} forecasts from it")
-        columns = [c for c in self.roles.columns if c in rows.columns]
-        history = _series(_clean(rows, target, stamp, item, columns), target, stamp, item, [c for c in self.roles.static if c in columns])
+        require_columns(rows, {"target column": target, "timestamp column": stamp, "item id column": item, **{f"covariate {c}": c for c in self.roles.columns}},
+                        hint=f"; {self.version.name} forecasts from it")
+        history = _series(_clean(rows, target, stamp, item, self.roles.columns), target, stamp, item, self.roles.static)
         return self._named(self._predict(history))
 
     def forecast(self):
@@ -456,12 +456,11 @@ class ForecastModel:
 
     def _planned(self, rows):
         """The forecast of each planned row, from the version's rows before it."""
-        import pandas as pd
-
         target, stamp, item, horizon = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id"), self.schema["horizon"]
         require_columns(rows, {"timestamp column": stamp, "item id column": item}, hint=f"; {self.version.name} forecasts the series it names")
-        plan = _renamed(rows.copy(), stamp, item)
-        _parse_stamps(plan, "timestamp")
+        plan = rows.copy()
+        _parse_stamps(plan, stamp)
+        plan = _renamed(plan, stamp, item)
         stored = _renamed(_clean(previous_rows(self.version), target, stamp, item), stamp, item)
         known = _cov.planned(_cov.typed(plan, [c for c in self.roles.known if c in plan]), stored, item, stamp, self.roles.known, horizon,
                              self.predictor.freq, self.version.name)
