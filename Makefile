@@ -37,14 +37,8 @@ demo: install
 	@echo "HTML export:       $(abspath $(OUT))/quickstart.html"
 	@echo "artifact store:    $(abspath $(OUT))/nbcustom_store"
 
-# Two test processes on a 2-core machine (pytest-xdist), a test file each at a time: much of
-# a test's time runs on one core (kernels starting, imports, AutoGluon's search); each
-# process gets its share of the threads (tests/conftest.py), a file's trained fixtures stay
-# in one process. Measured on the AVX2 machine: 17 min against 23 min in one process.
-TEST_PROCESSES ?= 2
-
 test: install-dev
-	$(PY) -m pytest -ra --durations=15 -n $(TEST_PROCESSES) --dist loadfile tests
+	$(PY) -m pytest -ra --durations=15 tests
 
 test-quick: install-dev
 	$(PY) -m pytest -ra -m "not slow" tests
