@@ -213,9 +213,7 @@ def forecast(name: str, *, version: int | None = None, store=None):
     """The next ``--horizon`` steps of every series of the time-series model ``name`` after
     its own rows (``%%predict NAME`` with an empty body); a model with known covariates needs
     their planned values: ``predict(name, planned_rows)``."""
-    store = _store(store)
-    current = store.get(known(store, name), version)
-    model = engine(current.kind).load(current)
+    model = load(name, version, store=store)
     if not hasattr(model, "forecast"):
         raise NbCustomError(f"{name} is not a time-series model: forecast() is for models made by %%retrain --timestamp; use predict(name, rows)")
     return model.forecast()

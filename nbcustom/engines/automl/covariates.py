@@ -91,8 +91,9 @@ def future(series, horizon: int, known: list):
 def planned(rows, history, item: str, stamp: str, known: list, horizon: int, freq: str, name: str):
     """Validate the planned rows ``rows`` (item id, timestamp, known covariates) against the
     stored ``history`` (renamed to ``item_id``/``timestamp``): each row among the next
-    ``horizon`` steps of a known series. Returns (the known covariates of every step of
-    those series' horizons, a step not planned taking the nearest planned values; the rows)."""
+    ``horizon`` steps of a known series. Returns the known covariates of every step of
+    those series' horizons (item_id, timestamp, ...), a step not planned taking the nearest
+    planned values."""
     import pandas as pd
 
     missing = [c for c in known if c not in rows.columns]

@@ -439,7 +439,7 @@ class ForecastModel:
         covariates)."""
         if self.roles.known:
             raise NbCustomError(self._needs_plan())
-        return self._named(self._predict(self._history()))
+        return self._named(self._predict(self._history(self._stored())))
 
     def _needs_plan(self) -> str:
         item, stamp, horizon = self.schema.get("item_id"), self.schema["timestamp"], self.schema["horizon"]
@@ -447,24 +447,25 @@ class ForecastModel:
         return (f"{self.version.name} forecasts with known covariates ({', '.join(self.roles.known)}): %%predict it over the planned rows "
                 f"of the next {horizon} steps ({columns}), without {self.schema['target']}")
 
-    def _history(self, items=None):
-        target, stamp, item = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id")
-        rows = _clean(previous_rows(self.version), target, stamp, item, self.roles.columns)
-        if items is not None:
-            rows = rows[_renamed(rows, stamp, item)["item_id"].isin(items).to_numpy()]
-        return _series(rows, target, stamp, item, self.roles.static)
+    def _stored(self):
+        """The version's own rows (train + holdout), typed, with its covariates."""
+        return _clean(previous_rows(self.version), self.schema["target"], self.schema["timestamp"], self.schema.get("item_id"), self.roles.columns)
+
+    def _history(self, rows):
+        return _series(rows, self.schema["target"], self.schema["timestamp"], self.schema.get("item_id"), self.roles.static)
 
     def _planned(self, rows):
         """The forecast of each planned row, from the version's rows before it."""
-        target, stamp, item, horizon = self.schema["target"], self.schema["timestamp"], self.schema.get("item_id"), self.schema["horizon"]
+        stamp, item, horizon = self.schema["timestamp"], self.schema.get("item_id"), self.schema["horizon"]
         require_columns(rows, {"timestamp column": stamp, "item id column": item}, hint=f"; {self.version.name} forecasts the series it names")
         plan = rows.copy()
         _parse_stamps(plan, stamp)
         plan = _renamed(plan, stamp, item)
-        stored = _renamed(_clean(previous_rows(self.version), target, stamp, item), stamp, item)
-        known = _cov.planned(_cov.typed(plan, [c for c in self.roles.known if c in plan]), stored, item, stamp, self.roles.known, horizon,
-                             self.predictor.freq, self.version.name)
-        history = self._history(plan["item_id"].unique())
+        stored = self._stored()  # read once: the steps after it, and the history of the planned series
+        series = _renamed(stored, stamp, item)["item_id"]
+        known = _cov.planned(_cov.typed(plan, [c for c in self.roles.known if c in plan]), _renamed(stored, stamp, item), item, stamp,
+                             self.roles.known, horizon, self.predictor.freq, self.version.name)
+        history = self._history(stored[series.isin(plan["item_id"].unique()).to_numpy()])
         forecast = self._predict(history, known.set_index(["item_id", "timestamp"]) if self.roles.known else None)
         merged = plan[["item_id", "timestamp"]].merge(forecast, on=["item_id", "timestamp"], how="left")
         out = rows.reset_index(drop=True).copy()
