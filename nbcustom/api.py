@@ -112,21 +112,26 @@ def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, 
 
 
 def ask(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None,
-        search: str | None = None, where: str | None = None, llm: str | None = None):
+        search: str | None = None, where: str | None = None, llm: str | None = None, answers: str | None = None):
     """Answer each question from the index ``name``: a DataFrame with ``question``,
     ``answer`` and ``sources`` (id, score, snippet, metadata of each retrieved chunk).
 
     ``search``: vector, keyword or hybrid (default: the index's); ``where``: a SQL predicate
     on the metadata columns, applied before ranking; ``llm``: the reader, a ``%%finetune``d
-    LLM in the store (or a model name) instead of the index's answering model."""
-    answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm)
+    LLM in the store (or a model name) instead of the index's answering model; ``answers``:
+    grounded (the default: the answer's sentences the sources support, else the source
+    sentence that best matches the question), generated (the model's answer as it is) or
+    extractive (that source sentence, no model). ``faithfulness`` is the share of the
+    answer's sentences the sources support."""
+    answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm, answers=answers)
     questions = [questions] if isinstance(questions, str) else list(questions)
     questions = [q.strip() for q in questions if q and q.strip()]
     if not questions:
         raise NbCustomError("no question given: write one question per line under %%rag NAME --ask")
     store = _store(store)
     index = load(name, version=version, store=store, kind="rag")
-    return index.ask(questions, top_k=answering.top_k, search=answering.search, where=answering.where, llm=_reader(store, answering.llm))
+    return index.ask(questions, top_k=answering.top_k, search=answering.search, where=answering.where,
+                     llm=_reader(store, answering.llm), answers=answering.answers)
 
 
 def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=None, con=None,
@@ -157,11 +162,11 @@ def _reader(store: Store, llm: str | None):
 
 
 def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, top_k: int | None = None,
-             search: str | None = None, where: str | None = None, llm: str | None = None) -> Version:
+             search: str | None = None, where: str | None = None, llm: str | None = None, answers: str | None = None) -> Version:
     """RAG evaluation: the LLM alone (before) vs with retrieval (after), recorded with the
     active version (``metrics.before/after`` in its manifest and ``eval.parquet``).
-    ``search``, ``where`` and ``llm`` as for ``ask``; both sides use the same reader."""
-    AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm)
+    ``search``, ``where``, ``llm`` and ``answers`` as for ``ask``; both sides use the same reader."""
+    AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm, answers=answers)
     store = _store(store)
     current = store.get(known(store, name))
     if current.kind != "rag":
@@ -171,7 +176,7 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
     display = make_display(ui or default_ui(), f"%%rag {name} --eval")
     try:
         index = engine("rag").load(current)
-        outcome = index.evaluate(rows, display, top_k=top_k, search=search, where=where, llm=reader)
+        outcome = index.evaluate(rows, display, top_k=top_k, search=search, where=where, llm=reader, answers=answers)
         updated = store.update(
             name, current.version, metrics={"before": outcome.before, "after": outcome.after},
             write=lambda folder: outcome.examples.to_parquet(folder / "eval.parquet", index=False),
@@ -191,13 +196,14 @@ def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=No
     rows = None if blank else rows_of(data, namespace, con)
     store = _store(store)
     current = store.get(known(store, name), spec.version)
-    if current.kind != "rag" and (spec.where or spec.search):
-        raise NbCustomError(f"--where and --search are for RAG indexes; {name} is a {current.kind} model: leave them out")
+    if current.kind != "rag" and (spec.where or spec.search or spec.answers):
+        raise NbCustomError(f"--where, --search and --answers are for RAG indexes; {name} is a {current.kind} model: leave them out")
     model = engine(current.kind).load(current)
     if blank and hasattr(model, "forecast"):
         result = model.forecast()
     else:
-        chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where))
+        chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where),
+                  ("answers", spec.answers))
         result = model.predict(rows if rows is not None else rows_of(data, namespace, con), **{k: v for k, v in chosen if v})
     if spec.into:
         target = con if con is not None else _data.default_session().con

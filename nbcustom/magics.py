@@ -191,7 +191,7 @@ _JOB_PARSER.add_argument("--cron", action="store_true")
 
 def _answering(args: dict) -> dict:
     """The %%rag options that apply to --ask and --eval."""
-    return {k: args.get(k) for k in ("top_k", "search", "where", "llm")}
+    return {k: args.get(k) for k in ("top_k", "search", "where", "llm", "answers")}
 
 
 def load_ipython_extension(shell) -> None:

@@ -70,6 +70,7 @@ def _nullable(cls, name: str) -> bool:
 
 
 PROMOTE = ("always", "if-better", "never")
+ANSWERS = ("grounded", "generated", "extractive")
 SEARCH = ("vector", "keyword", "hybrid")
 TABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")  # as model names: quoted in SQL, so - is fine
 
@@ -180,6 +181,10 @@ class RagSpec(Spec):
     )
     search: str = option("hybrid", "ranking of chunks: vector, keyword (BM25) or hybrid (both, fused)", choices=SEARCH)
     where: str | None = option(None, "--ask/--eval: only chunks whose metadata satisfy this SQL predicate")
+    answers: str = option(
+        "grounded", "grounded (the model's sentences the sources support, else the best-matching source sentence), "
+        "generated (the model's answer as it is) or extractive (that source sentence, no model)", choices=ANSWERS,
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -203,6 +208,7 @@ class PredictSpec(Spec):
     top_k: int | None = option(None, "RAG: chunks retrieved per question", type=int)
     search: str | None = option(None, "RAG: vector, keyword or hybrid (default: the index's)", choices=SEARCH)
     where: str | None = option(None, "RAG: only chunks whose metadata satisfy this SQL predicate")
+    answers: str | None = option(None, "RAG: grounded, generated or extractive (default: the index's)", choices=ANSWERS)
 
     def validate(self) -> None:
         super().validate()
@@ -220,6 +226,7 @@ class AnswerSpec(Spec):
     search: str | None = option(None, "vector, keyword or hybrid (default: the index's)", choices=SEARCH)
     where: str | None = option(None, "only chunks whose metadata satisfy this SQL predicate")
     llm: str | None = option(None, "the reader: a %%finetune'd LLM or a model (default: the index's)")
+    answers: str | None = option(None, "grounded, generated or extractive (default: the index's)", choices=ANSWERS)
 
     def validate(self) -> None:
         super().validate()

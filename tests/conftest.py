@@ -28,6 +28,18 @@ class TestingShell(InteractiveShell):
 
 
 @pytest.fixture(scope="session")
+def handbook(tmp_path_factory):
+    """The store with tests/handbook.py indexed as ``hb``, once for the session (short
+    answers keep generation cheap; pass ``max_new_tokens`` for longer ones)."""
+    import nbcustom
+    from handbook import documents_frame
+
+    store = tmp_path_factory.mktemp("handbook") / "store"
+    nbcustom.rag("hb", documents_frame(), store=store, ui="none", metadata="section", max_new_tokens=8)
+    return store
+
+
+@pytest.fixture(scope="session")
 def shell():
     ip = TestingShell.instance()
     ip.run_line_magic("load_ext", "nbcustom")

@@ -151,6 +151,7 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
     ip.run_cell_magic("rag", "facts --ask", "What is the access code of the Vormund vault?\n\nWho is the mayor of Quenville?\n")
     shown = capsys.readouterr().out
     assert shown.count("Q: ") == 2 and "QX-4471" in shown and "[1] 1 (" in shown  # answer and its source
+    assert "faithfulness 1.00" in shown and "vector 0." in shown and "keyword " in shown  # hybrid: both parts beside the fused score
 
     ip.run_cell_magic("rag", "facts --eval", "SELECT * FROM questions")
     version = Store(store_dir).get("facts")  # checksums verified after the eval rewrote the manifest
@@ -159,9 +160,13 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
     assert after["answer_contains"] >= before["answer_contains"] + 0.5
     assert after["answer_f1"] > before["answer_f1"]
     assert "hit_rate@3" not in before  # the LLM alone retrieves nothing
+    assert after["faithfulness"] >= 0.9 and before["faithfulness"] < 0.6  # the LLM alone invents what the sources do not say
     examples = pd.read_parquet(version.path / "eval.parquet")
-    assert list(examples.columns) == ["question", "reference", "before", "after", "source_id", "retrieved", "hit", "rank"]
+    assert list(examples.columns) == [
+        "question", "reference", "before", "after", "faithfulness", "flagged", "unsupported", "source_id", "retrieved", "hit", "rank",
+    ]
     assert len(examples) == len(QUESTIONS) and examples["hit"].mean() == after["hit_rate@3"]
+    assert examples["faithfulness"].mean() == pytest.approx(after["faithfulness"])
 
     from llama_index.core import Settings
 
@@ -180,10 +185,10 @@ def test_predict_appends_answers_and_sources(ip, store_dir):
         "predict", "facts --into answers",
         "SELECT 'Who is the chef of the Saffron Owl restaurant?' AS question, 7 AS ticket",
     )
-    assert list(result.columns) == ["question", "ticket", "prediction", "sources"]
+    assert list(result.columns) == ["question", "ticket", "prediction", "faithfulness", "sources"]
     assert "Bettany Kroll" in result["prediction"][0]
     assert [s["id"] for s in result["sources"][0]][0] == 16 and len(result["sources"][0]) == 2
-    assert set(result["sources"][0][0]) == {"id", "score", "snippet", "metadata"}
+    assert set(result["sources"][0][0]) == {"id", "score", "vector_score", "keyword_score", "snippet", "metadata"}
     stored = nbcustom.connection().execute("SELECT prediction FROM answers").fetchall()
     assert stored == [(result["prediction"][0],)]
 

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 import nbcustom
-from nbcustom.engines.rag import answers as rag_answers
+from nbcustom.engines.rag import answers as rag_answers, search as rag_search
 from nbcustom.errors import NbCustomError
 from nbcustom.store import Store
 
@@ -18,14 +18,6 @@ from handbook import QUESTIONS, documents_frame, questions_frame
 # Its answer is a form code that only document 2 holds; the embedding blurs the code with the
 # other QF- forms, BM25 matches its digits.
 CODE_QUESTION = "What is form QF-7781 for?"
-
-
-@pytest.fixture(scope="module")
-def handbook(tmp_path_factory):
-    """The handbook indexed once for the module (short answers keep generation cheap)."""
-    store = tmp_path_factory.mktemp("handbook") / "store"
-    nbcustom.rag("hb", documents_frame(), store=store, ui="none", metadata="section", max_new_tokens=8)
-    return store
 
 
 def ranked_ids(index, question, search, k=4, where=None) -> list:
@@ -40,10 +32,17 @@ def test_hybrid_puts_the_only_document_with_a_code_first_where_vector_does_not(h
     assert ranked_ids(index, CODE_QUESTION, "hybrid")[0] == 2
     assert ranked_ids(index, CODE_QUESTION, "keyword")[0] == 2
     assert index.search == "hybrid"  # the default
-    # scores shown with sources are cosine similarities whatever the ranking
+    # a hybrid source shows the fused score that ranked it, with its cosine and BM25 beside it
     hybrid = index.retrieve([CODE_QUESTION], 4, "hybrid")[0]
-    vector = dict((s["id"], s["score"]) for s in index.retrieve([CODE_QUESTION], 32, "vector")[0])
-    assert all(s["score"] == vector[s["id"]] for s in hybrid)
+    fused = [s["score"] for s in hybrid]
+    assert fused == sorted(fused, reverse=True) and all(0 < f <= 2 / (rag_search.RRF_K + 1) for f in fused)
+    by_rank = {s["id"]: n for n, s in enumerate(index.retrieve([CODE_QUESTION], 32, "vector")[0], 1)}
+    cosine = {s["id"]: s["score"] for s in index.retrieve([CODE_QUESTION], 32, "vector")[0]}
+    bm25 = {s["id"]: s["score"] for s in index.retrieve([CODE_QUESTION], 32, "keyword")[0]}
+    assert all(s["vector_score"] == cosine[s["id"]] and s["keyword_score"] == bm25.get(s["id"], s["keyword_score"]) for s in hybrid)
+    first = hybrid[0]  # document 2: BM25's first, far down the embedding's ranking
+    assert first["keyword_score"] == max(bm25.values()) and by_rank[2] > 1
+    assert first["score"] == pytest.approx(1 / (rag_search.RRF_K + 1) + 1 / (rag_search.RRF_K + by_rank[2]), abs=1e-4)
 
 
 def test_hybrid_finds_every_source_vector_finds(handbook):

@@ -66,9 +66,10 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def bar_chart(values: Mapping[str, float], title: str, xlabel: str = "") -> bytes:
-    """Horizontal bars, largest on top (feature importance, leaderboard scores)."""
-    items = sorted(values.items(), key=lambda kv: kv[1])[-15:]
+def bar_chart(values: Mapping[str, float], title: str, xlabel: str = "", ordered: bool = False) -> bytes:
+    """Horizontal bars, largest on top (feature importance, leaderboard scores); ``ordered``:
+    in the given order instead, the first on top."""
+    items = list(values.items())[:15][::-1] if ordered else sorted(values.items(), key=lambda kv: kv[1])[-15:]
     fig = _figure(6, max(2.0, 0.3 * len(items) + 1))
     ax = fig.add_subplot()
     ax.barh([k for k, _ in items], [v for _, v in items], color="#2f81f7")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+from . import faithfulness
+
 SYSTEM_CONTEXT = "Answer the question with a short answer taken from the context."
 SYSTEM_ALONE = "Answer the question with a short answer."
 # A chunk goes into the prompt when its similarity is at least this share of the best's.
@@ -19,18 +21,39 @@ Turn = tuple[str, str]  # (system message, user message)
 
 
 def kept(sources: Sequence[dict]) -> list[dict]:
-    """The sources that go into the prompt: the first one, and the others whose score is
-    close to it."""
+    """The sources that go into the prompt: the first one, and the others whose cosine
+    similarity is close to its."""
     if not sources:
         return []
-    best = sources[0]["score"]
-    return [s for i, s in enumerate(sources) if i == 0 or s["score"] >= KEEP * best]
+    cosine = [s.get("vector_score", s["score"]) for s in sources]
+    return [s for i, s in enumerate(sources) if i == 0 or cosine[i] >= KEEP * cosine[0]]
 
 
 def with_context(question: str, sources: Sequence[dict]) -> Turn:
     """The prompt for ``question`` given its retrieved ``sources`` (best first)."""
     context = "\n\n".join(s["text"] for s in reversed(kept(sources)))
     return SYSTEM_CONTEXT, f"Context:\n{context}\n\nQuestion: {question}"
+
+
+def extract(question: str, sources: Sequence[dict]) -> str:
+    """The sentence of the prompt's chunks that shares the most content words with the
+    question (ties: the better-ranked chunk, then the earlier sentence); "" without sources."""
+    asked, _ = faithfulness.terms(question)
+    best, most = "", -1
+    for source in kept(sources):
+        labels = {f"{k}: {v}" for k, v in (source.get("metadata") or {}).items()}  # the rendered metadata lines
+        for sentence in faithfulness.sentences(source["text"]):
+            shared = len(asked & faithfulness.terms(sentence)[0])
+            if sentence not in labels and shared > most:
+                best, most = sentence, shared
+    return best
+
+
+def grounded(answer: str, question: str, sources: Sequence[dict]) -> str:
+    """The sentences of ``answer`` that the sources support; where none is, the source
+    sentence that best matches the question (``extract``)."""
+    supported = [s for s, ok in faithfulness.check(answer, [s["text"] for s in sources]) if ok]
+    return " ".join(supported) if supported else extract(question, sources)
 
 
 def alone(question: str) -> Turn:

@@ -17,11 +17,12 @@ from typing import Any, Iterator, Sequence
 from ...errors import NbCustomError
 from ...specs import RagSpec
 from .. import Outcome
-from . import answers as rag_answers, models as rag_models, search as rag_search, stores
+from . import answers as rag_answers, faithfulness as rag_faithfulness, models as rag_models, search as rag_search, stores
 from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
 
 SNIPPET = 200  # characters of a source shown with an answer
 EMBED_BATCH = 64
+FLAGGED = 0.5  # --eval flags an answer when at most this share of its sentences is supported
 SPLIT_BATCH, SPLIT_CHARS = 1000, 1_000_000  # rows (or characters) tokenized together before splitting
 # A refresh reuses vectors only when these options are the same as the previous version's.
 INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
@@ -321,6 +322,7 @@ class RagIndex:
         self.top_k = int(self.options.get("top_k") or 4)
         self.max_new_tokens = int(self.options.get("max_new_tokens") or 96)
         self.search = self.options.get("search") or RagSpec().search
+        self.answers = self.options.get("answers") or RagSpec().answers
         self.vectors = stores.open(version)
         self._index = None
         self._keywords = None
@@ -369,16 +371,16 @@ class RagIndex:
         out = []
         for question, query in zip(questions, queries):
             hits = rag_search.rank(self.vectors, keywords, query, question, top_k or self.top_k, mode, among)
-            out.append([self._source(i, score) for i, score in hits])
+            out.append([self._source(i, scores) for i, scores in hits])
         return out
 
-    def _source(self, i: int, score: float) -> dict:
+    def _source(self, i: int, scores: dict) -> dict:
         from llama_index.core.schema import MetadataMode, TextNode
 
         row_id, metadata = self.vectors.row_ids[i], self.vectors.metadata(i)
         return {
             "id": int(row_id) if self.info.get("id_type") == "int" else row_id,
-            "score": round(float(score), 4),
+            **{name: round(float(score), 4) for name, score in scores.items()},
             "snippet": _snippet(self.vectors.texts[i]),
             "metadata": metadata,
             # what the LLM reads: llama-index's rendering of the chunk with its metadata
@@ -392,13 +394,18 @@ class RagIndex:
             return rag_answers.TunedReader(llm)
         return rag_answers.Reader(self.llm(model=llm))
 
-    def answer(self, questions: Sequence[str], sources: Sequence[list[dict]] | None, max_new_tokens=None, progress=None, llm=None) -> list[str]:
-        """Greedy answers: from the sources when given, else from the LLM alone."""
+    def answer(self, questions: Sequence[str], sources: Sequence[list[dict]] | None, max_new_tokens=None, progress=None, llm=None, mode=None) -> list[str]:
+        """Greedy answers: from the sources when given (as ``mode`` says), else from the LLM alone."""
         if sources is None:
-            turns = [rag_answers.alone(q) for q in questions]
-        else:
-            turns = [rag_answers.with_context(q, found) for q, found in zip(questions, sources)]
-        return self.reader(llm).generate(turns, max_new_tokens or self.max_new_tokens, progress)
+            return self.reader(llm).generate([rag_answers.alone(q) for q in questions], max_new_tokens or self.max_new_tokens, progress)
+        mode = mode or self.answers
+        if mode == "extractive":
+            return [rag_answers.extract(q, found) for q, found in zip(questions, sources)]
+        turns = [rag_answers.with_context(q, found) for q, found in zip(questions, sources)]
+        answers = self.reader(llm).generate(turns, max_new_tokens or self.max_new_tokens, progress)
+        if mode == "grounded":
+            answers = [rag_answers.grounded(a, q, found) for a, q, found in zip(answers, questions, sources)]
+        return answers
 
     def prompts(self, rows, top_k: int | None = None, search: str | None = None, where: str | None = None):
         """``rows`` (``question``, ``answer``) as fine-tuning rows for a reader: ``system``,
@@ -416,31 +423,43 @@ class RagIndex:
             {"question": questions, "system": [t[0] for t in turns], "prompt": [t[1] for t in turns], "response": [str(a) for a in rows["answer"]]}
         )
 
-    def ask(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None):
-        """A DataFrame of ``question``, ``answer`` and ``sources`` (id, score, snippet, metadata)."""
+    def ask(self, questions: Sequence[str], top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None,
+            answers=None):
+        """A DataFrame of ``question``, ``answer``, ``faithfulness`` (the share of the answer's
+        sentences its sources support) and ``sources`` (id, score, snippet, metadata)."""
         import pandas as pd
 
         questions = list(questions)
         sources = self.retrieve(questions, top_k, search, where)
-        answers = self.answer(questions, sources, max_new_tokens, llm=llm)
-        return pd.DataFrame({"question": questions, "answer": answers, "sources": [_public(s) for s in sources]})
+        said = self.answer(questions, sources, max_new_tokens, llm=llm, mode=answers)
+        frame = pd.DataFrame(
+            {"question": questions, "answer": said, "faithfulness": [_faithfulness(a, s) for a, s in zip(said, sources)],
+             "sources": [_public(s) for s in sources]}
+        )
+        frame.attrs["search"] = search or self.search  # what the sources' score is
+        return frame
 
-    def predict(self, rows, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None):
-        """``rows`` with ``prediction`` (the answer to its ``question``) and ``sources``."""
+    def predict(self, rows, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, answers=None):
+        """``rows`` with ``prediction`` (the answer to its ``question``), ``faithfulness`` and ``sources``."""
         column = _question_column(rows, "%%predict on a RAG index")
         questions = [str(q) for q in rows[column]]
-        answers = self.ask(questions, top_k=top_k, max_new_tokens=max_new_tokens, search=search, where=where)
+        asked = self.ask(questions, top_k=top_k, max_new_tokens=max_new_tokens, search=search, where=where, answers=answers)
         result = rows.copy()
-        result["prediction"] = answers["answer"].to_numpy()
-        result["sources"] = answers["sources"].to_numpy()
+        for out, source in (("prediction", "answer"), ("faithfulness", "faithfulness"), ("sources", "sources")):
+            result[out] = asked[source].to_numpy()
         return result
 
-    def evaluate(self, rows, display, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None) -> Outcome:
+    def evaluate(self, rows, display, top_k: int | None = None, max_new_tokens: int | None = None, search=None, where=None, llm=None,
+                 answers=None) -> Outcome:
         """The LLM alone (before) against the LLM with retrieval (after), on ``rows`` with
         ``question``, ``answer`` and optional ``source_id`` (one row id, or a list of them).
 
-        Both sides get ``answer_f1`` (token F1 with the reference answer) and
-        ``answer_contains`` (share of answers that contain the normalized reference).
+        Both sides get ``answer_f1`` (token F1 with the reference answer),
+        ``answer_contains`` (share of answers that contain the normalized reference) and
+        ``faithfulness`` (mean share of an answer's sentences that the retrieved chunks
+        support; the LLM alone is held to the same chunks). The examples table has each
+        answer's faithfulness, its unsupported sentences, and ``flagged`` where at least
+        half of them are unsupported.
         Only the after side has the retrieval metrics over the K retrieved chunks' rows:
         ``hit_rate@K`` (a source row is among them), ``mrr`` (mean 1/rank of the first source
         row, 0 when not retrieved), ``recall@K`` (share of the source rows retrieved) and
@@ -469,19 +488,22 @@ class RagIndex:
         display.phase("retrieving")
         sources = self.retrieve(questions, k, mode, where)
         display.phase("answering with retrieval")
-        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm)
+        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm, mode=answers)
+        checked = [rag_faithfulness.check(a, [s["text"] for s in found]) for a, found in zip(after, sources)]
+        faithful = [sum(ok for _, ok in c) / len(c) if c else None for c in checked]
 
         retrieved = [list(dict.fromkeys(str(s["id"]) for s in found)) for found in sources]
         ranks = [next((n for n, r in enumerate(found, 1) if r in rel), None) if rel else None for rel, found in zip(relevant, retrieved)]
         scored = [i for i, rel in enumerate(relevant) if rel]
 
-        def side(answers):
+        def side(said, faithful):
             return {
-                "answer_f1": mean(token_f1(a, r) for a, r in zip(answers, references)),
-                "answer_contains": mean(contains(a, r) for a, r in zip(answers, references)),
+                "answer_f1": mean(token_f1(a, r) for a, r in zip(said, references)),
+                "answer_contains": mean(contains(a, r) for a, r in zip(said, references)),
+                "faithfulness": mean(f for f in faithful if f is not None),
             }
 
-        after_metrics = side(after)
+        after_metrics = side(after, faithful)
         if scored:
             after_metrics[f"hit_rate@{k}"] = mean(1.0 if ranks[i] else 0.0 for i in scored)
             after_metrics["mrr"] = mean(1.0 / ranks[i] if ranks[i] else 0.0 for i in scored)
@@ -490,6 +512,9 @@ class RagIndex:
         examples = pd.DataFrame(
             {
                 "question": questions, "reference": references, "before": before, "after": after,
+                "faithfulness": faithful,
+                "flagged": [f is not None and f <= FLAGGED for f in faithful],
+                "unsupported": [" | ".join(s for s, ok in c if not ok) for c in checked],
                 "source_id": [",".join(rel) if rel else None for rel in relevant], "retrieved": retrieved,
                 "hit": [None if not rel else bool(rank) for rel, rank in zip(relevant, ranks)],
                 "rank": pd.array(ranks, dtype="Int64"),
@@ -497,11 +522,15 @@ class RagIndex:
         )
         reader = "" if llm is None else f", reader {llm if isinstance(llm, str) else self.reader(llm)!r}"
         return Outcome(
-            before=side(before), after=after_metrics, examples=examples,
+            before=side(before, [_faithfulness(a, found) for a, found in zip(before, sources)]), after=after_metrics, examples=examples,
             before_label="LLM alone", after_label=f"with retrieval (top {k}, {mode})",
             notes=[f"{total} questions; retrieval metrics over the {len(scored)} with a source_id"
                    + (f"; only chunks where {where}" if where else "") + reader],
         )
+
+
+def _faithfulness(answer: str, sources: list[dict]) -> float | None:
+    return rag_faithfulness.faithfulness(answer, [s["text"] for s in sources])
 
 
 def _relevant(value) -> list[str]:

@@ -59,42 +59,45 @@ class Keywords:
         return self._bm25.get_scores_from_ids(ids) if ids else np.zeros(self._size, dtype=np.float32)
 
 
-def keyword_ranking(keywords: Keywords, question: str, k: int, among=None) -> list[tuple[int, float]]:
-    """(chunk position, BM25 score) of the ``k`` best chunks with a matching word."""
+def keyword_ranking(scores, k: int, among=None) -> list[tuple[int, float]]:
+    """(chunk position, BM25 score) of the ``k`` best chunks with a matching word, from the
+    BM25 ``scores`` of every chunk."""
     import numpy as np
 
-    scores = keywords.scores(question)
     positions = np.arange(len(scores)) if among is None else np.asarray(among, dtype=np.int64)
     found = positions[scores[positions] > 0]
     best = found[np.argsort(-scores[found], kind="stable")][:k]
     return [(int(i), float(scores[i])) for i in best]
 
 
-def fuse(rankings: Sequence[Sequence[int]], k: int) -> list[int]:
-    """Reciprocal rank fusion: chunk positions by the sum of 1 / (RRF_K + rank) over the
-    rankings; ties keep the first ranking's order."""
+def fuse(rankings: Sequence[Sequence[int]], k: int) -> list[tuple[int, float]]:
+    """Reciprocal rank fusion: (chunk position, fused score) by the sum of 1 / (RRF_K + rank)
+    over the rankings, best first; ties keep the first ranking's order."""
     fused: dict[int, float] = {}
     for ranking in rankings:
         for rank, position in enumerate(ranking, 1):
             fused[position] = fused.get(position, 0.0) + 1.0 / (RRF_K + rank)
-    return sorted(fused, key=lambda p: -fused[p])[:k]
+    return sorted(fused.items(), key=lambda item: -item[1])[:k]
 
 
-def rank(vectors, keywords, query_vector, question: str, k: int, mode: str, among=None) -> list[tuple[int, float]]:
-    """The ``k`` chunks for ``question`` by ``mode``, best first, each with its cosine
-    similarity to the question (the score shown with sources, whatever the mode)."""
+def rank(vectors, keywords, query_vector, question: str, k: int, mode: str, among=None) -> list[tuple[int, dict]]:
+    """The ``k`` chunks for ``question`` by ``mode``, best first, each with its scores:
+    ``score``, the one that ranked it (cosine similarity, BM25, or the fused score of
+    hybrid), and for keyword and hybrid search both parts, ``vector_score`` (cosine) and
+    ``keyword_score`` (BM25, 0 where no word matches)."""
     if mode == "vector":
-        return vectors.search(query_vector, k, among=among)
+        return [(p, {"score": s}) for p, s in vectors.search(query_vector, k, among=among)]
     depth = max(DEPTH, k)
-    found = keyword_ranking(keywords, question, depth, among)
+    bm25 = keywords.scores(question)
+    found = keyword_ranking(bm25, depth, among)
     by_words = [p for p, score in found if score >= KEYWORD_KEEP * found[0][1]]
     if mode == "keyword":
-        chosen = by_words[:k]
+        chosen = [(p, float(bm25[p])) for p in by_words[:k]]
     else:
         by_meaning = [p for p, _ in vectors.search(query_vector, depth, among=among)]
         chosen = fuse([by_meaning, by_words], k)
-    cosine = dict(vectors.search(query_vector, len(chosen), among=chosen)) if chosen else {}
-    return [(p, cosine[p]) for p in chosen]
+    cosine = dict(vectors.search(query_vector, len(chosen), among=[p for p, _ in chosen])) if chosen else {}
+    return [(p, {"score": s, "vector_score": cosine[p], "keyword_score": float(bm25[p])}) for p, s in chosen]
 
 
 def check_mode(mode: str) -> str:
