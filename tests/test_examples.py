@@ -98,9 +98,10 @@ def test_rag_handbook(tmp_path, monkeypatch):
     nb = execute("rag_handbook.ipynb", {"TOP_K": 2}, tmp_path, monkeypatch)
     answers = cell(nb, "%%rag handbook --ask").outputs[-1].data
     assert "leave-1" in answers["text/plain"] and "<th>snippet</th>" in answers["text/html"]
+    assert "faithfulness" in answers["text/plain"] and "<th>score</th><th>vector</th><th>keyword</th>" in answers["text/html"]
     refreshed = manifest(tmp_path, "handbook", 2)["counts"]
     assert (refreshed["changed"], refreshed["added"], refreshed["removed"], refreshed["embedded"]) == (1, 0, 0, 1)
     evaluated = summary(cell(nb, "%%rag handbook --eval"))["text/html"]
-    assert "LLM alone" in evaluated and "hit_rate@2" in evaluated
+    assert "LLM alone" in evaluated and "hit_rate@2" in evaluated and "faithfulness" in evaluated
     predicted = cell(nb, "%%predict handbook").outputs[-1].data["text/plain"]
     assert "prediction" in predicted and "sources" in predicted
