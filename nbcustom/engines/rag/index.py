@@ -400,7 +400,10 @@ class RagIndex:
             return self.reader(llm).generate([rag_answers.alone(q) for q in questions], max_new_tokens or self.max_new_tokens, progress)
         mode = mode or self.answers
         if mode == "extractive":
-            return [rag_answers.extract(q, found) for q, found in zip(questions, sources)]
+            copied = [rag_answers.extract(q, found) for q, found in zip(questions, sources)]
+            if progress:
+                progress(len(copied))
+            return copied
         turns = [rag_answers.with_context(q, found) for q, found in zip(questions, sources)]
         answers = self.reader(llm).generate(turns, max_new_tokens or self.max_new_tokens, progress)
         if mode == "grounded":
