@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     sp.add_argument("action", nargs="?", choices=["list", "run"], default="list")
     sp.add_argument("names", nargs="*", help="with run: these jobs now, due or not (what `%%nbc job NAME --cron` schedules)")
     sp.add_argument("--database", help="DuckDB database file the jobs read (default: the one each job recorded)")
+    sp = sub.add_parser("serve", help="serve LLM and RAG models over the OpenAI HTTP API (needs nbcustom[serve])")
+    sp.add_argument("names", nargs="*", help="NAME or NAME@V (default: every LLM and RAG model of the store)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", help="require `Authorization: Bearer KEY` (or set NBCUSTOM_API_KEY); needed on any host but 127.0.0.1")
     args = p.parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
     store = Store(args.store)
     try:
         if args.command == "predict":
@@ -62,6 +69,23 @@ def main(argv: list[str] | None = None) -> int:
         print(result)
     else:
         print(result.to_string(index=False) if len(result) else "(none)")
+    return 0
+
+
+def _serve(args) -> int:
+    import os
+
+    from . import serve
+
+    if args.api_key:  # start again with the key in the environment, so the process title never shows it
+        env = {**os.environ, serve.KEY_VARIABLE: args.api_key}
+        os.execve(sys.executable, [sys.executable, "-m", "nbcustom.serve", "--store", args.store, "--host", args.host,
+                                   "--port", str(args.port), *args.names], env)
+    try:
+        serve.run(args.store, args.names, args.host, args.port)
+    except NbCustomError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

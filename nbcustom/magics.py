@@ -127,11 +127,14 @@ class NbCustom(Magics):
     def nbc(self, line: str):
         """%nbc list | show NAME[@V] | versions NAME | activate NAME V | rm NAME[@V] | check [NAME] [--repair] |
         compare NAME V1 V2 | runs [NAME] | drift NAME[@V] [SQL] | export NAME[@V] --format F --to DIR | jobs |
-        job NAME --every 10m [--track COL] [--min-rows N] [--promote if-better] [--cron] | job NAME --stop"""
+        job NAME --every 10m [--track COL] [--min-rows N] [--promote if-better] [--cron] | job NAME --stop |
+        serve [NAME[@V] ...] [--host H] [--port P] [--api-key KEY] | serve --stop [--port P]"""
         from . import catalog
 
         if line.split()[:1] in (["job"], ["jobs"]):
             return self._jobs(line)
+        if line.split()[:1] == ["serve"]:
+            return self._serve(line)
         if line.split()[:1] == ["drift"]:
             return self._drift(line)
         result = catalog.command(_store.Store(self.store), line)
@@ -142,6 +145,17 @@ class NbCustom(Magics):
         else:
             return result
 
+
+    def _serve(self, line: str):
+        from . import serve
+
+        args = flags.parse(_SERVE_PARSER, line)
+        port = args.get("port")
+        if args.get("stop"):
+            print(serve.stop(port))
+            return None
+        print(serve.start(self.store, args.get("names") or [], args.get("host") or "127.0.0.1", port or serve.DEFAULT_PORT, args.get("api_key")))
+        return None
 
     def _drift(self, line: str):
         words = line.split(maxsplit=2)
@@ -187,6 +201,14 @@ _JOB_PARSER.add_argument("--stop", action="store_true")
 _JOB_PARSER.add_argument("--promote", choices=PROMOTE, default=JOB_DEFAULT)
 _JOB_PARSER.add_argument("--min-rows", type=int)
 _JOB_PARSER.add_argument("--cron", action="store_true")
+
+
+_SERVE_PARSER = flags.parser("nbc", positionals=("command",))
+_SERVE_PARSER.add_argument("names", nargs="*")
+_SERVE_PARSER.add_argument("--host")
+_SERVE_PARSER.add_argument("--port", type=int)
+_SERVE_PARSER.add_argument("--api-key")
+_SERVE_PARSER.add_argument("--stop", action="store_true")
 
 
 def _answering(args: dict) -> dict:

@@ -87,10 +87,11 @@ def resolve_embedding(name: str | None) -> str:
     raise NbCustomError(f"unknown embedding model {name!r}: give a local sentence-transformers folder or a Hugging Face id in the cache (looked in " + "; ".join(tried) + ")")
 
 
-def load_llm(path: Path, device: str = "cpu", dtype: str = "float32"):
-    """(model, tokenizer) for a resolved model folder, loaded once per kernel."""
+def load_llm(path: Path, device: str = "cpu", dtype: str = "float32", shared: bool = True):
+    """(model, tokenizer) for a resolved model folder, loaded once per kernel; ``shared=False``:
+    a copy of its own, for a user that keeps adapters on it (the server)."""
     key = (str(path), device, dtype)
-    if key not in _LOADED:
+    if key not in _LOADED or not shared:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -100,8 +101,10 @@ def load_llm(path: Path, device: str = "cpu", dtype: str = "float32"):
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        _LOADED[key] = (model, tokenizer)
         LOADS["count"] += 1
+        if not shared:
+            return model, tokenizer
+        _LOADED[key] = (model, tokenizer)
     return _LOADED[key]
 
 
