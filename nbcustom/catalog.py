@@ -161,7 +161,7 @@ def no_problems(store: Store, name: str | None = None) -> str:
 
 
 def export(store: Store, ref: str, *options: str) -> str:
-    """export NAME[@V] --format merged|gguf|ollama|deployment|parquet --to DIR [--quant f16|q8_0] [--refit]"""
+    """export NAME[@V] --format merged|gguf|ollama|vllm|deployment|parquet --to DIR [--quant f16|q8_0] [--refit]"""
     from . import api, flags
     from .specs import ExportSpec
 

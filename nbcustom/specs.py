@@ -237,8 +237,8 @@ class AnswerSpec(Spec):
 class ExportSpec(Spec):
     """``%nbc export``: a version written in a format other tools load."""
 
-    format: str | None = option(None, "merged, gguf or ollama (LLM); deployment (AutoML); parquet (RAG)",
-                                choices=("merged", "gguf", "ollama", "deployment", "parquet"))
+    format: str | None = option(None, "merged, gguf, ollama or vllm (LLM); deployment (AutoML); parquet (RAG)",
+                                choices=("merged", "gguf", "ollama", "vllm", "deployment", "parquet"))
     to: str | None = option(None, "folder to write (new or empty; never inside the store)")
     quant: str = option("q8_0", "GGUF weights: f16 or q8_0", choices=("f16", "q8_0"))
     refit: bool = option(False, "AutoML: refit the best model on all rows first (refit_full)", type=bool)
@@ -246,6 +246,6 @@ class ExportSpec(Spec):
     def validate(self) -> None:
         super().validate()
         if not self.format:
-            raise NbCustomError("--format is required: merged, gguf or ollama (LLM), deployment (AutoML), parquet (RAG)")
+            raise NbCustomError("--format is required: merged, gguf, ollama or vllm (LLM), deployment (AutoML), parquet (RAG)")
         if not self.to:
             raise NbCustomError("--to DIR is required: the folder to write the export into")

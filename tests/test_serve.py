@@ -191,3 +191,30 @@ def test_nbc_serve_in_a_kernel_returns_at_once_and_answers_the_notebook(served_s
     assert "stopped the server on port" in nb.cells[3].outputs[0]["text"]
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_the_vllm_export_holds_every_version_and_a_serve_sh_with_vllms_flags(served_store, tmp_path):
+    import json
+    import shlex
+
+    from peft import PeftConfig
+
+    from nbcustom.engines.llm.vllm import RANKS
+
+    nbcustom.export("bot", store=served_store, format="vllm", to=tmp_path / "out")
+    out = tmp_path / "out"
+    assert (out / "base" / "config.json").is_file() and (out / "base" / "chat_template.jinja").is_file()
+    for v in (1, 2):
+        adapter = out / "adapters" / f"v{v}"
+        assert {p.name for p in adapter.iterdir()} == {"adapter_config.json", "adapter_model.safetensors"}
+        assert PeftConfig.from_pretrained(adapter).peft_type == "LORA"
+    words = shlex.split((out / "serve.sh").read_text().split('"$(dirname "$0")"\n')[1].replace("\\\n", " "))
+    assert words[:3] == ["vllm", "serve", "./base"] and words[-1] == "$@"
+    flags = [w for w in words if w.startswith("--")]
+    assert flags == ["--enable-lora", "--lora-modules", "--max-lora-rank", "--max-loras"]  # vLLM's documented flags
+    modules = words[words.index("--lora-modules") + 1 : words.index("--max-lora-rank")]
+    assert modules == ["bot=./adapters/v1", "bot@1=./adapters/v1", "bot@2=./adapters/v2"]
+    rank = int(words[words.index("--max-lora-rank") + 1])
+    r = json.loads((out / "adapters" / "v1" / "adapter_config.json").read_text())["r"]
+    assert rank in RANKS and rank >= r and words[words.index("--max-loras") + 1] == "2"
+    assert "model='bot'" in (out / "README.md").read_text() and llm_task.SYSTEM in (out / "README.md").read_text()

@@ -17,6 +17,7 @@ EXPORTS = {
     "merged": ("llm", "llm.export:merged"),
     "gguf": ("llm", "llm.export:gguf"),
     "ollama": ("llm", "llm.export:ollama"),
+    "vllm": ("llm", "llm.vllm:export"),
     "deployment": ("automl", "automl.deployment:export"),
     "parquet": ("rag", "rag.parquet:export"),
 }

@@ -174,8 +174,7 @@ async def _llm(served: Served, version, body: ChatRequest):
     chat = [{"role": m.role, "content": m.text()} for m in body.messages]
     if chat[0]["role"] != "system" and info.get("system"):
         chat.insert(0, {"role": "system", "content": info["system"]})  # the system message it was trained with
-    text = base.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
-    ids = base.tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = await asyncio.to_thread(_tokens, base.tokenizer, chat)
     limit = body.max_completion_tokens or body.max_tokens or DEFAULT_TOKENS
     window = getattr(base.model.config, "max_position_embeddings", 2048)
     if len(ids) + limit > window:
@@ -222,6 +221,11 @@ async def _rag(served: Served, version, body: ChatRequest):
     faithful = row["faithfulness"]
     extra = {"sources": list(row["sources"]), "faithfulness": None if faithful is None or faithful != faithful else float(faithful)}
     return _answer(body, row["answer"], "stop", 0, 0, extra)
+
+
+def _tokens(tokenizer, chat: list[dict]) -> list[int]:
+    text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def _answer(body, content: str, finish: str, prompt_tokens: int, completion_tokens: int, extra: dict | None = None) -> dict:

@@ -31,13 +31,26 @@ class Served:
         self._bases: dict[str, Base] = {}
         self._versions: dict[tuple, object] = {}  # (name, version) -> Version, checksums verified once
         self._indexes: dict[tuple, object] = {}
+        self._ids: tuple | None = None  # (the store's file stamps, ids)
 
     def _models(self) -> list[str]:
         names = [m["name"] for m in self.store.models() if m["kind"] in KINDS]
         return names if self.names is None else [n for n in names if n in {w.split("@")[0] for w in self.names}]
 
     def ids(self) -> list[dict]:
-        """Every id served: NAME (the active version) and NAME@V of each ready version."""
+        """Every id served: NAME (the active version) and NAME@V of each version; read again
+        from the catalog only after the store changed (a query per request slows batches)."""
+        stamp = tuple(p.stat().st_mtime_ns if p.exists() else 0 for p in (
+            self.store.root / "catalog.duckdb", self.store.root / "catalog.duckdb.wal", self.store.root / ".active"))
+        with self._lock:
+            if self._ids and self._ids[0] == stamp:
+                return self._ids[1]
+        out = self._read_ids()
+        with self._lock:
+            self._ids = (stamp, out)
+        return out
+
+    def _read_ids(self) -> list[dict]:
         out = []
         for name in self._models():
             versions = self.store.versions(name)
@@ -55,7 +68,7 @@ class Served:
         if not any(i["id"] == model_id for i in self.ids()):
             raise NotServed(f"The model `{model_id}` does not exist or is not served here; GET /v1/models lists what is")
         try:
-            version = int(number) if number else self.store.active_version(name)
+            version = int(number) if number else next(i["version"] for i in self.ids() if i["id"] == name)
         except ValueError:
             raise NotServed(f"The model `{model_id}` does not exist") from None
         key = (name, version)
