@@ -128,7 +128,7 @@ def test_parquet_export_holds_rows_chunks_vectors_metadata_and_the_embedding_mod
     [
         ("--format gguf", "--format gguf is for llm models and facts is rag: use --format parquet"),
         ("--format deployment", "use --format parquet"),
-        ("--format onnx", "--format must be one of merged, gguf, ollama, deployment, parquet"),
+        ("--format onnx", "--format must be one of merged, gguf, ollama, vllm, deployment, parquet"),
         ("--format parquet --quant q4", "--quant must be one of f16, q8_0"),
         ("", "--format is required"),
     ],
