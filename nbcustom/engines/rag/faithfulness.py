@@ -60,18 +60,22 @@ def terms(text: str) -> tuple[set[str], set[str]]:
 def support(sentence: str, chunks: Sequence[str]) -> float:
     """The best share, over ``chunks``, of the sentence's content words that the chunk holds;
     0 for a chunk that lacks one of the sentence's numbers."""
+    return _support(sentence, [terms(c) for c in chunks])
+
+
+def _support(sentence: str, chunk_terms: list[tuple[set[str], set[str]]]) -> float:
     words, numbers = terms(sentence)
     best = 0.0
-    for chunk in chunks:
-        chunk_words, chunk_numbers = terms(chunk)
+    for chunk_words, chunk_numbers in chunk_terms:
         if numbers <= chunk_numbers:
             best = max(best, sum(w in chunk_words for w in words) / len(words) if words else 1.0)
     return best
 
 
 def check(answer: str, chunks: Sequence[str]) -> list[tuple[str, bool]]:
-    """Each sentence of ``answer`` and whether ``chunks`` support it."""
-    return [(s, support(s, chunks) >= SUPPORTED) for s in sentences(answer)]
+    """Each sentence of ``answer`` and whether ``chunks`` support it (each chunk read once)."""
+    chunk_terms = [terms(c) for c in chunks]
+    return [(s, _support(s, chunk_terms) >= SUPPORTED) for s in sentences(answer)]
 
 
 def faithfulness(answer: str, chunks: Sequence[str]) -> float | None:
