@@ -134,6 +134,81 @@ def test_requests_that_arrive_together_are_answered_in_one_batch(server):
     assert _health(port)["largest_batch"] > max(before, 1)
 
 
+@pytest.fixture(scope="module")
+def base(served_store):
+    """The batch thread of the server, in this process: bot's base with v1 and v2 loaded."""
+    from nbcustom.serve.served import Served
+
+    served = Served(Store(served_store))
+    found = served.base(served.version("bot@1"))
+    for v in ("bot@1", "bot@2"):
+        found.adapter(served.version(v))
+    return found
+
+
+def _prompt(base, text: str) -> list[int]:
+    chat = [{"role": "system", "content": llm_task.SYSTEM}, {"role": "user", "content": text}]
+    return list(base.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)["input_ids"])
+
+
+def test_each_row_gets_its_own_adapter_as_in_peft(base, served_store):
+    """One forward pass over rows of v1, v2 and the base equals peft's mixed-adapter batch."""
+    import torch
+    from peft import PeftModel
+
+    from nbcustom import models
+    from nbcustom.engines.llm import data as llm_data
+
+    store = Store(served_store)
+    reference, _ = models.load_llm(base.model.name_or_path, "cpu", "float32", shared=False)
+    reference = PeftModel.from_pretrained(reference, store.get("bot", 1).model_dir, adapter_name="bot@1")
+    reference.load_adapter(store.get("bot", 2).model_dir, adapter_name="bot@2")
+    reference.eval()
+    names = ["bot@1", "bot@2", None, "bot@2"]
+    batch = llm_data.left_padded([_prompt(base, t) for t in (TICKET, PRODUCT, TICKET, "Where is my order 7?")], base.tokenizer.pad_token_id, "cpu")
+    with torch.inference_mode(), base.lock:
+        expected = reference(**batch, adapter_names=[n or "__base__" for n in names]).logits
+        base.lora.use(names)
+        got = base.model(**batch).logits
+        base.lora.use(["bot@2"] * 4)  # one adapter for every row: its own path
+        single = base.model(**batch).logits
+        reference.set_adapter("bot@2")
+        expected_single = reference(**batch).logits
+    assert (expected - got).abs().max() < 1e-4
+    assert (expected_single - single).abs().max() < 1e-4
+    assert (expected[1] - expected[0]).abs().max() > 1e-2  # the adapters differ: the test can tell rows apart
+
+
+def test_a_request_joins_a_running_batch_and_a_short_one_leaves_it_early(base):
+    from nbcustom.serve.batching import Request
+
+    long_ids, short_ids = _prompt(base, PRODUCT), _prompt(base, TICKET)
+    alone_long = base.submit(Request(long_ids, "bot@2", 24)).result()
+    alone_short = base.submit(Request(short_ids, "bot@1", 3)).result()
+    assert alone_long.completion_tokens > 6  # long enough to be running when the short one comes
+    reads, finished = base.reads, []
+    long = base.submit(Request(long_ids, "bot@2", 24))
+    while base.reads == reads:  # its prompt has been read: it decodes
+        time.sleep(0.01)
+    short = base.submit(Request(short_ids, "bot@1", 3))
+    for name, future in (("long", long), ("short", short)):
+        future.add_done_callback(lambda _, name=name: finished.append(name))
+    assert (long.result(), short.result()) == (alone_long, alone_short)
+    assert finished == ["short", "long"]  # answered when its row stopped, not at the end of the batch
+    assert base.reads == reads + 2 and base.largest >= 2  # read on its own, decoded beside the long one
+
+
+def test_a_seeded_sample_does_not_depend_on_the_other_rows(base):
+    from nbcustom.serve.batching import Request
+
+    ids = _prompt(base, PRODUCT)
+    sample = lambda seed: Request(ids, "bot@1", 12, temperature=1.2, top_p=0.95, seed=seed)  # noqa: E731
+    alone = [base.submit(sample(seed)).result().text for seed in (1, 2)]
+    futures = [base.submit(sample(1)), base.submit(Request(_prompt(base, TICKET), "bot@2", 12)), base.submit(sample(2))]
+    assert [futures[0].result().text, futures[2].result().text] == alone
+    assert len({base.submit(sample(seed)).result().text for seed in range(3, 8)} | set(alone)) > 1  # it samples
+
+
 def _health(port) -> dict:
     import httpx
 

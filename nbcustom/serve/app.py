@@ -111,7 +111,7 @@ def create_app(served: Served, api_key: str | None = None):
     @app.get("/health")
     async def health() -> dict:
         bases = served.bases()
-        return {"status": "ok", "batches": sum(b.batches for b in bases), "largest_batch": max((b.largest for b in bases), default=0)}
+        return {"status": "ok", "prompt_reads": sum(b.reads for b in bases), "largest_batch": max((b.largest for b in bases), default=0)}
 
     @app.get("/v1/models")
     async def list_models() -> dict:

@@ -1,12 +1,15 @@
 """One base model in the server process, the LoRA adapters of the versions served on it, and
-the thread that answers their chat requests in batches.
+the thread that answers their chat requests by continuous batching.
 
-Requests that arrive while a batch runs wait in a queue; the next batch takes all of them
-(up to ``MAX_BATCH``), whichever version each asks for: peft runs a batch whose rows use
-different adapters (``adapter_names``), the base model itself included. Rows of one batch
-share the sampling settings (greedy, or one temperature / top-p / seed); requests with other
-settings go in the next batch. Each row stops on its own (the turn-end token, a stop string,
-its ``max_tokens``), and the batch ends when every row has.
+The thread keeps one running batch and decodes it a token at a time. Between two steps,
+requests that came in join it (their prompts read in one forward pass, their key/value cache
+rows merged in, left-padded) and rows that finished leave it: each answer goes out as soon as
+its row stops (the turn-end token, a stop string, its ``max_tokens``), and that client's next
+request can join while the others still decode. Rows may ask for different versions
+(``lora.MultiLoRA`` applies each row's adapter) and different sampling (each row samples
+with its own temperature, top-p and seed). When nothing runs, the thread waits for the first
+request and for those that come with it (``GAP``, ``WINDOW``), so that clients that send
+together are read in one pass.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .. import models
+from .lora import MultiLoRA
 
 MAX_BATCH = 32
-# A batch starts when no request came for GAP seconds, or WINDOW seconds after its first one:
-# clients that got their answers in the last batch send again within a few milliseconds.
+# From idle, reading starts when no request came for GAP seconds, or WINDOW seconds after the
+# first one.
 GAP, WINDOW = 0.05, 0.2
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 
 
 @dataclass
@@ -41,10 +44,6 @@ class Request:
     on_text: Callable[[str], None] | None = None  # streamed text, piece by piece (called from the batch thread)
     future: Future = field(default_factory=Future)
 
-    @property
-    def sampling(self) -> tuple:
-        return (0.0, 1.0, None) if self.temperature <= 0 else (self.temperature, self.top_p, self.seed)
-
 
 @dataclass
 class Completion:
@@ -55,31 +54,23 @@ class Completion:
 
 
 class Base:
-    """A base model with the adapters of its served versions, answering ``Request``s in batches."""
+    """A base model with the adapters of its served versions, answering ``Request``s."""
 
     def __init__(self, path, device: str = "cpu", dtype: str = "float32"):
         # its own copy: the adapters stay on it, away from the RAG indexes' answering model
         self.model, self.tokenizer = models.load_llm(path, device, dtype, shared=False)
-        self.peft = None
-        self.lock = threading.Lock()  # one forward pass at a time: generation, label scoring, adapter loading
+        self.lora = MultiLoRA(self.model)
+        self.lock = threading.Lock()  # one forward pass at a time: decoding, label scoring, adapter loading
         self.queue: queue.Queue[Request] = queue.Queue()
-        self.batches, self.largest = 0, 0  # batches run, and the most rows in one (GET /health)
+        self.reads, self.largest = 0, 0  # passes that read prompts, the most rows decoded together (GET /health)
         threading.Thread(target=self._loop, name="nbcustom-batches", daemon=True).start()
 
     def adapter(self, version) -> str:
         """The adapter name of ``version`` (``NAME@V``), loaded on first use."""
-        import warnings
-
-        from peft import PeftModel
-
         name = f"{version.name}@{version.version}"
-        with self.lock, models.quiet(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            if self.peft is None:
-                self.peft = PeftModel.from_pretrained(self.model, version.model_dir, adapter_name=name)
-                self.peft.eval()
-            elif name not in self.peft.peft_config:
-                self.peft.load_adapter(version.model_dir, adapter_name=name)
+        with self.lock:
+            if name not in self.lora:
+                self.lora.load(name, version.model_dir)
         return name
 
     def submit(self, request: Request) -> Future:
@@ -88,87 +79,145 @@ class Base:
 
     def classify(self, adapter: str, ids: list[int], labels: list[str]) -> tuple[str, float]:
         """A label model's label for one tokenized prompt, as ``%%predict`` scores it."""
+        import torch
+
         from ..engines.llm import labels as llm_labels
 
-        with self.lock:
-            self.peft.set_adapter(adapter)
-            found, confidence = llm_labels.classify(self.peft, self.tokenizer, [ids], labels)
+        with self.lock, torch.inference_mode():
+            self.lora.use([adapter])
+            found, confidence = llm_labels.classify(self.model, self.tokenizer, [ids], labels)
         return found[0], confidence[0]
 
     # --- the batch thread ---------------------------------------------------------------
     def _loop(self) -> None:
+        batch = _Batch()
         while True:
-            waiting = [self.queue.get()]
-            deadline = time.monotonic() + WINDOW
-            while len(waiting) < MAX_BATCH:
+            new = self._arrived(wait=not batch.rows, room=MAX_BATCH - len(batch.rows))
+            if new:
                 try:
-                    waiting.append(self.queue.get(timeout=max(0.0, min(GAP, deadline - time.monotonic()))))
-                except queue.Empty:
-                    break
-            groups: dict[tuple, list[Request]] = {}
-            for request in waiting:
-                groups.setdefault(request.sampling, []).append(request)
-            for group in groups.values():
-                self._run(group)
+                    self._read(batch, new)
+                except BaseException as e:  # those clients get the error; the batch goes on
+                    _fail(new, e)
+            if batch.rows:
+                try:
+                    self._step(batch)
+                except BaseException as e:
+                    _fail([row.request for row in batch.rows], e)
+                    batch = _Batch()
 
-    def _run(self, group: list[Request]) -> None:
-        try:
-            rows = self._generate(group)
-        except BaseException as e:  # every waiting client gets the error; the thread goes on
-            for request in group:
-                if not request.future.done():
-                    request.future.set_exception(e)
-            return
-        for request, row in zip(group, rows):
-            request.future.set_result(row.completion())
+    def _arrived(self, wait: bool, room: int) -> list[Request]:
+        """The requests in the queue (at most ``room``); with ``wait``, the first one and those
+        that come with it."""
+        out: list[Request] = [self.queue.get()] if wait else []
+        deadline = time.monotonic() + WINDOW
+        while len(out) < room:
+            try:
+                out.append(self.queue.get(timeout=max(0.0, min(GAP, deadline - time.monotonic()))) if wait else self.queue.get_nowait())
+            except queue.Empty:
+                break
+        return out
 
-    def _generate(self, group: list[Request]) -> list["_Row"]:
+    def _read(self, batch: "_Batch", requests: list[Request]) -> None:
+        """One forward pass over the new prompts; their rows join the batch with their first token."""
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-        from transformers.generation.streamers import BaseStreamer
+        from transformers import DynamicCache
 
         from ..engines.llm import data as llm_data
 
-        rows = [_Row(r, self.tokenizer) for r in group]
-
-        class Streamer(BaseStreamer):
-            started = False
-
-            def put(self, value):
-                if not self.started:  # the first call passes the prompts
-                    self.started = True
-                    return
-                for row, token in zip(rows, value.tolist()):
-                    row.add(token)
-
-            def end(self):
-                pass
-
-        class Done(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.tensor([row.done for row in rows], device=input_ids.device)
-
+        rows = [_Row(r, self.tokenizer) for r in requests]
         device = next(self.model.parameters()).device
-        batch = llm_data.left_padded([r.ids for r in group], self.tokenizer.pad_token_id, device)
-        temperature, top_p, seed = group[0].sampling
-        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+        prompts = llm_data.left_padded([r.ids for r in requests], self.tokenizer.pad_token_id, device)
+        mask, cache = prompts["attention_mask"], DynamicCache()
         with self.lock, torch.inference_mode():
-            if seed is not None:
-                torch.manual_seed(seed)
-            model = self.model
-            adapters = {r.adapter for r in group}
-            if self.peft is not None and len(adapters) == 1:  # one adapter: peft's plain path, faster than a mixed batch
-                model = self.peft
-                self.peft.set_adapter(adapters.pop())
-            elif self.peft is not None:
-                model, sampling["adapter_names"] = self.peft, [r.adapter for r in group]
-            model.generate(
-                **batch, max_new_tokens=max(r.max_tokens for r in group), num_beams=1, streamer=Streamer(),
-                stopping_criteria=StoppingCriteriaList([Done()]), eos_token_id=self.tokenizer.eos_token_id,
-                pad_token_id=self.tokenizer.pad_token_id, **sampling,
-            )
-        self.batches, self.largest = self.batches + 1, max(self.largest, len(group))
-        return rows
+            self.lora.use([r.adapter for r in requests])
+            logits = self.model(
+                input_ids=prompts["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                past_key_values=cache, use_cache=True, logits_to_keep=1,
+            ).logits[:, -1]
+            tokens = _choose(logits, rows)
+        self.reads += 1
+        batch.join(rows, cache, mask, tokens)
+        self._advance(batch, tokens)
+
+    def _step(self, batch: "_Batch") -> None:
+        """One decoding step of every running row."""
+        import torch
+
+        mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
+        with self.lock, torch.inference_mode():
+            self.lora.use([row.request.adapter for row in batch.rows])
+            logits = self.model(
+                input_ids=batch.tokens[:, None], attention_mask=mask, position_ids=batch.mask.sum(1, keepdim=True),
+                past_key_values=batch.cache, use_cache=True,
+            ).logits[:, -1]
+            tokens = _choose(logits, batch.rows)
+        batch.mask, batch.tokens = mask, tokens
+        self._advance(batch, tokens)
+
+    def _advance(self, batch: "_Batch", tokens) -> None:
+        """Each row takes its new token; rows that stopped answer and leave."""
+        self.largest = max(self.largest, len(batch.rows))
+        for row, token in zip(list(batch.rows[-len(tokens):]), tokens.tolist()):
+            row.add(token)
+        finished = [row for row in batch.rows if row.done]
+        for row in finished:
+            row.request.future.set_result(row.completion())
+        if finished:
+            batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
+
+
+def _fail(requests: list[Request], error: BaseException) -> None:
+    for request in requests:
+        if not request.future.done():
+            request.future.set_exception(error)
+
+
+def _choose(logits, rows: list["_Row"]):
+    """Each row's next token: the most likely one, or a sample at the row's temperature and top-p."""
+    tokens = logits.argmax(-1)
+    for i, row in enumerate(rows):
+        if row.request.temperature > 0:
+            tokens[i] = row.sample(logits[i])
+    return tokens
+
+
+class _Batch:
+    """The running rows, their key/value cache (left-padded to one length), attention mask and
+    last tokens."""
+
+    def __init__(self):
+        self.rows: list[_Row] = []
+        self.cache = self.mask = self.tokens = None
+
+    def join(self, rows: list["_Row"], cache, mask, tokens) -> None:
+        import torch
+        from torch.nn.functional import pad
+
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.tokens = rows, cache, mask, tokens
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for ours, theirs in zip(self.cache.layers, cache.layers):
+            for part in ("keys", "values"):
+                a, b = getattr(ours, part), getattr(theirs, part)
+                setattr(ours, part, torch.cat([pad(a, (0, 0, width - a.shape[2], 0)), pad(b, (0, 0, width - b.shape[2], 0))]))
+        self.mask = torch.cat([pad(self.mask, (width - self.mask.shape[1], 0)), pad(mask, (width - mask.shape[1], 0))])
+        self.rows, self.tokens = self.rows + rows, torch.cat([self.tokens, tokens])
+
+    def keep(self, indices: list[int]) -> None:
+        """Only the rows at ``indices``; cache columns no row needs any more are dropped."""
+        import torch
+
+        self.rows = [self.rows[i] for i in indices]
+        if not self.rows:
+            self.cache = self.mask = self.tokens = None
+            return
+        index = torch.tensor(indices, device=self.mask.device)
+        self.mask, self.tokens = self.mask[index], self.tokens[index]
+        start = int(self.mask.any(0).int().argmax())
+        self.mask = self.mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys, layer.values = layer.keys[index, :, start:], layer.values[index, :, start:]
 
 
 class _Row:
@@ -179,6 +228,7 @@ class _Row:
         self.tokens: list[int] = []
         self.text, self.sent = "", 0
         self.done, self.reason = False, "length"
+        self.generator = None
 
     def add(self, token: int) -> None:
         if self.done:
@@ -214,6 +264,20 @@ class _Row:
         if safe > self.sent:
             self.request.on_text(self.text[self.sent:safe])
             self.sent = safe
+
+    def sample(self, logits) -> int:
+        """A token drawn at the request's temperature from its top-p share (its own generator
+        when it has a seed, so that its answer does not depend on the other rows)."""
+        import torch
+
+        if self.request.seed is not None and self.generator is None:
+            self.generator = torch.Generator(logits.device).manual_seed(self.request.seed)
+        probabilities = torch.softmax(logits.float() / self.request.temperature, -1)
+        if self.request.top_p < 1:
+            ordered, order = probabilities.sort(descending=True)
+            ordered[ordered.cumsum(0) - ordered > self.request.top_p] = 0  # the most likely token always stays
+            probabilities = torch.zeros_like(probabilities).scatter(0, order, ordered)
+        return int(torch.multinomial(probabilities, 1, generator=self.generator))
 
     def completion(self) -> Completion:
         self.done = True

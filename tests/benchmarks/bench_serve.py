@@ -88,15 +88,15 @@ def main() -> None:
 
             health = lambda: httpx.get(f"http://127.0.0.1:{port}/health").json()  # noqa: E731
             alone = run(api, jobs, 1, args.max_tokens)
-            first = health()["batches"]
+            first = health()["prompt_reads"]
             together = run(api, jobs, args.clients, args.max_tokens)
-            batches = health()["batches"] - first
+            reads, largest = health()["prompt_reads"] - first, health()["largest_batch"]
         finally:
             server.terminate()
             server.wait(30)
     for label, figures in (("one at a time", alone), (f"{args.clients} concurrent clients", together)):
         print(f"{label:24s} " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()))
-    print(f"concurrent: {batches} batches for {len(jobs)} requests ({len(jobs) / batches:.1f} rows per batch)")
+    print(f"concurrent: {reads} prompt reads for {len(jobs)} requests ({len(jobs) / reads:.1f} prompts per read), at most {largest} rows decoded together")
     ratio = together["requests/s"] / alone["requests/s"]
     print(f"throughput {ratio:.2f}x one at a time (goal >= 3x): {'PASS' if ratio >= 3 else 'FAIL'}")
 
