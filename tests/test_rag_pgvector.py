@@ -43,16 +43,33 @@ def test_urls_lose_their_password_and_messages_mask_it():
 
     url = "postgresql://ana:s%40lt%3Ay@db.example.com:6543/search"
     assert credentials.strip(url) == "postgresql://ana@db.example.com:6543/search"
-    assert credentials.password("ana", "db.example.com", 6543) == "s@lt:y"
+    assert credentials.password(credentials.server(url)) == "s@lt:y"
     assert credentials.server("postgres://ana@db.example.com/search") == {
         "host": "db.example.com", "port": 5432, "database": "search", "user": "ana"}
     assert credentials.strip("postgresql://bo@[::1]:5433/x?password=q-9") == "postgresql://bo@[::1]:5433/x"
-    assert credentials.password("bo", "::1", 5433) == "q-9"
+    assert credentials.password({"user": "bo", "host": "::1", "port": 5433}) == "q-9"
     assert credentials.mask(f"failed for {url} with s@lt:y") == "failed for postgresql://ana:***@db.example.com:6543/search with ***"
-    for bad in ("mysql://ana@h/db", "postgresql://h:5432/db", "postgresql://ana@h:5432/", "postgresql://ana:pw@h:port/db"):
+    for bad in ("mysql://ana@h/db", "postgresql://ana:pw@h:port/db", "postgresql://ana:pw@h:99999/db", "postgresql://ana:pw@h/db?nonsense=1"):
         with pytest.raises(NbCustomError, match="not understood") as error:
             credentials.strip(bad)
         assert "pw" not in str(error.value)
+
+
+def test_every_url_form_libpq_accepts(monkeypatch):
+    """A Unix socket (host= in the query), libpq's defaults, the password as a parameter."""
+    from nbcustom import credentials
+
+    for variable in ("PGHOST", "PGPORT", "PGUSER", "PGDATABASE"):
+        monkeypatch.delenv(variable, raising=False)
+    socket = "postgresql://nbc:Pw-1@/postgres?host=/run/postgresql"
+    assert credentials.strip(socket) == "postgresql://nbc@/postgres?host=/run/postgresql"
+    assert credentials.server(socket) == {"host": "/run/postgresql", "port": 5432, "database": "postgres", "user": "nbc"}
+    assert credentials.password(credentials.server(socket)) == "Pw-1"
+    assert "the socket in /run/postgresql" in credentials.where(credentials.server(socket))
+    monkeypatch.setenv("PGUSER", "ops")
+    assert credentials.server("postgresql:///db") == {"host": "", "port": 5432, "database": "db", "user": "ops"}
+    assert credentials.strip("postgresql:///db?host=/tmp&password=x%26y&port=5433") == "postgresql:///db?host=/tmp&port=5433"
+    assert credentials.password({"user": "ops", "host": "/tmp", "port": 5433}) == "x&y"
 
 
 # --- the store interface, both backends, no model ------------------------------------------------
@@ -210,6 +227,28 @@ def test_a_fresh_process_answers_from_pgvector_without_embedding(tmp_path, postg
 
 
 # --- settings and passwords ---------------------------------------------------------------------
+def test_a_unix_socket_url_builds_refreshes_and_answers(ip, store_dir, postgres):  # noqa: F811
+    """The usual form for a server on the same machine: no host, the socket directory as ``host=``."""
+    from urllib.parse import quote
+
+    socket = f"postgresql://{postgres.user}:{quote(PASSWORD, safe='')}@/{postgres.database}?host={postgres.socket_dir}&port={postgres.port}"
+    ip.user_ns["facts"] = facts_frame(FIFTY)
+    ip.run_cell_magic("rag", f"facts --metadata topic --vector-store {socket}", "SELECT * FROM facts")
+    v1 = Store(store_dir).get("facts")
+    entry = v1.manifest["index"]["store"]
+    assert entry["url"] == f"postgresql://{postgres.user}@/{postgres.database}?host={postgres.socket_dir}&port={postgres.port}"
+    assert (entry["host"], entry["port"], entry["user"]) == (postgres.socket_dir, postgres.port, postgres.user)
+    assert postgres.sql(f'SELECT count(*) FROM "{table_of(v1)}"')[0][0] == 50
+    tower = "What is the tallest tower in Dunmarrow?"
+    assert ids(nbcustom.load("facts", store=store_dir).retrieve([tower], 3)[0])[0] == 7
+    # libpq's defaults filled from the query alone; the same server, so the refresh copies on it
+    bare = f"postgresql:///{postgres.database}?host={postgres.socket_dir}&port={postgres.port}&user={postgres.user}"
+    ip.run_cell_magic("rag", f"facts --metadata topic --vector-store {bare}", "SELECT * FROM facts WHERE id <> 7")
+    counts = Store(store_dir).get("facts").manifest["counts"]
+    assert (counts["chunks_copied"], counts["embedded"], counts["removed"]) == (49, 0, 1)
+    assert 7 not in ids(nbcustom.load("facts", store=store_dir).retrieve([tower], 5)[0])
+
+
 def test_a_password_in_the_url_reaches_no_file_and_no_output(ip, store_dir, postgres, capsys, monkeypatch):  # noqa: F811
     secrets = {PASSWORD, PASSWORD.replace(":", "%3A").replace("@", "%40")}
     ip.user_ns["facts"] = facts_frame(SMALL)
@@ -291,13 +330,14 @@ def test_nbc_rm_drops_the_versions_tables_and_refuses_when_the_server_is_unreach
 
     manifest = store_dir / "facts" / "v2" / "manifest.json"  # the server moved away
     moved = json.loads(manifest.read_text())
-    moved["index"]["store"]["port"] = free_port()
+    entry, gone = moved["index"]["store"], free_port()
+    entry["url"], entry["port"] = entry["url"].replace(f":{postgres.port}/", f":{gone}/"), gone  # connections use the URL
     manifest.write_text(json.dumps(moved))
     state = snapshot(store_dir)
     with pytest.raises(NbCustomError, match="cannot connect"):
         ip.run_line_magic("nbc", "rm facts")
     assert snapshot(store_dir) == state and v2 in postgres.tables()
-    moved["index"]["store"]["port"] = postgres.port
+    entry["url"], entry["port"] = entry["url"].replace(f":{gone}/", f":{postgres.port}/"), postgres.port
     manifest.write_text(json.dumps(moved))
     ip.run_line_magic("nbc", "rm facts")
     assert v2 not in postgres.tables() and store.models() == []

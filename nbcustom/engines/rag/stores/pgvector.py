@@ -19,7 +19,7 @@ import re
 import uuid
 from typing import Sequence
 
-from ....credentials import mask, password, server, strip
+from ....credentials import mask, password, server, strip, where
 from ....errors import NbCustomError
 
 # HNSW candidates kept per query (pgvector's default is 40): recall for a little time.
@@ -30,21 +30,19 @@ TYPES = ("varchar", "varchar", "jsonb", "vector", "varchar", "int4", "varchar", 
 ADDRESS = ("host", "port", "database", "user")
 
 
-def connect(address: dict):
-    """An autocommit connection with pgvector's types; a one-line error naming host:port
-    when the server cannot be reached or has no ``vector`` extension."""
+def connect(url: str):
+    """An autocommit connection to a version's URL (without its password) with pgvector's
+    types; a one-line error naming the server when it cannot be reached or has no ``vector``
+    extension."""
     import psycopg
     from pgvector.psycopg import register_vector
 
-    where = f"{address['host']}:{address['port']}"
+    address = server(url)
     try:
-        con = psycopg.connect(
-            host=address["host"], port=address["port"], dbname=address["database"], user=address["user"],
-            password=password(address["user"], address["host"], address["port"]), connect_timeout=10, autocommit=True,
-        )
+        con = psycopg.connect(url, password=password(address), connect_timeout=10, autocommit=True)
     except psycopg.OperationalError as e:
         raise NbCustomError(
-            f"cannot connect to PostgreSQL at {where} ({_reason(e)}): start the server or fix the vector store's "
+            f"cannot connect to PostgreSQL at {where(address)} ({_reason(e)}): start the server or fix the vector store's "
             "user, database or password (PGPASSWORD, ~/.pgpass, or the URL)"
         ) from None
     try:
@@ -53,7 +51,7 @@ def connect(address: dict):
                 con.execute("CREATE EXTENSION IF NOT EXISTS vector")
             except psycopg.Error:
                 raise NbCustomError(
-                    f"PostgreSQL at {where} has no `vector` extension in database {address['database']!r}: "
+                    f"PostgreSQL at {where(address)} has no `vector` extension in database {address['database']!r}: "
                     "have a superuser run CREATE EXTENSION vector there (pgvector must be installed on the server)"
                 ) from None
         register_vector(con)
@@ -65,7 +63,7 @@ def connect(address: dict):
 
 def check(location: str) -> None:
     """Connect to the server of ``location`` once (see ``connect``) and close."""
-    connect(server(strip(location))).close()
+    connect(strip(location)).close()
 
 
 class Writer:
@@ -83,7 +81,7 @@ class Writer:
         self.can_copy = previous is not None and previous["backend"] == "pgvector" and all(
             previous[k] == self.address[k] for k in ADDRESS
         )
-        self._con = connect(self.address)
+        self._con = connect(self.url)
         self.schema = self._con.execute("SELECT current_schema()").fetchone()[0]
         slug = re.sub(r"[^a-z0-9_]", "_", name.lower())[:20]
         self.table = f"data_nbcustom_{slug}_{uuid.uuid4().hex[:10]}"  # data_: PGVectorStore's prefix
@@ -99,7 +97,7 @@ class Writer:
         except psycopg.Error as e:
             self._con.close()
             raise NbCustomError(
-                f"PostgreSQL at {self.address['host']}:{self.address['port']} did not create a table in schema "
+                f"PostgreSQL at {where(self.address)} did not create a table in schema "
                 f"{self.schema!r} ({_reason(e)}): grant user {self.address['user']!r} CREATE on it"
             ) from None
 
@@ -155,7 +153,7 @@ class Writer:
     def discard(self) -> None:
         """Drop the table of a build that failed."""
         self._con.close()
-        drop({**self.address, "schema": self.schema, "table": self.table})
+        drop({"url": self.url, "schema": self.schema, "table": self.table})
 
 
 def open(entry: dict) -> "Vectors":
@@ -173,7 +171,7 @@ def drop(entry: dict) -> None:
     """Drop a version's table (``%nbc rm``); a table already gone is fine."""
     from psycopg import sql
 
-    with connect(_address(entry)) as con:
+    with connect(entry["url"]) as con:
         con.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_table(entry)))
 
 
@@ -225,16 +223,13 @@ class Vectors:
     def vector_store(self):
         """llama-index's own ``PGVectorStore`` over this version's table (read it, don't add)."""
         from llama_index.vector_stores.postgres import PGVectorStore
-        from sqlalchemy import URL, create_engine
+        from sqlalchemy import create_engine, make_url
         from sqlalchemy.ext.asyncio import create_async_engine
 
-        address = _address(self._entry)
+        address = server(self._entry["url"])
 
         def url(driver: str):  # the password lives in the engine, never in a string
-            return URL.create(
-                driver, username=address["user"], password=password(address["user"], address["host"], address["port"]),
-                host=address["host"], port=address["port"], database=address["database"],
-            )
+            return make_url(self._entry["url"]).set(drivername=driver, password=password(address))
 
         return PGVectorStore(
             table_name=self._entry["table"].removeprefix("data_"), schema_name=self._entry["schema"],
@@ -251,7 +246,7 @@ class Vectors:
 
         for attempt in (1, 2):
             if self._con is None or self._con.closed or self._con.broken:
-                self._con, self._ef_search = connect(_address(self._entry)), None
+                self._con, self._ef_search = connect(self._entry["url"]), None
             try:
                 if ef_search is not None and ef_search != self._ef_search:
                     self._con.execute(f"SET hnsw.ef_search = {int(ef_search)}")
@@ -267,7 +262,7 @@ class Vectors:
 def _read(entry: dict, query) -> list[tuple]:
     import psycopg
 
-    with connect(_address(entry)) as con:
+    with connect(entry["url"]) as con:
         try:
             return con.execute(query).fetchall()
         except psycopg.errors.UndefinedTable:
@@ -283,10 +278,6 @@ def _node(chunk: dict):
     return node
 
 
-def _address(entry: dict) -> dict:
-    return {k: entry[k] for k in ADDRESS}
-
-
 def _table(entry: dict):
     from psycopg import sql
 
@@ -297,7 +288,7 @@ def _gone(entry: dict) -> NbCustomError:
     label = entry.get("label", "this version")
     return NbCustomError(
         f"{label}: its vectors table {entry['schema']}.{entry['table']} is gone from PostgreSQL at "
-        f"{entry['host']}:{entry['port']}/{entry['database']}: remove the version with %nbc rm {label} and run %%rag again"
+        f"{where(entry)}, database {entry['database']}: remove the version with %nbc rm {label} and run %%rag again"
     )
 
 
