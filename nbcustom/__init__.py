@@ -5,13 +5,13 @@
 autogluon, llama_index) is imported until a run needs it.
 """
 
-from .api import ask, drift, export, finetune, forecast, load, predict, rag, rag_eval, rag_prompts, retrain
+from .api import ask, drift, export, finetune, forecast, load, predict, rag, rag_eval, rag_prompts, retrain, retrieve
 from .data import default_session
 from .errors import NbCustomError
 from .store import Store
 
 __version__ = "0.1.0"
-__all__ = ["NbCustomError", "Store", "ask", "check", "connection", "drift", "export", "finetune", "forecast", "load", "predict", "rag", "rag_eval", "rag_prompts", "retrain"]
+__all__ = ["NbCustomError", "Store", "ask", "check", "connection", "drift", "export", "finetune", "forecast", "load", "predict", "rag", "rag_eval", "rag_prompts", "retrain", "retrieve"]
 
 
 def connection():

@@ -134,6 +134,29 @@ def ask(name: str, questions: str | list[str], *, top_k: int | None = None, vers
                      llm=_reader(store, answering.llm), answers=answering.answers)
 
 
+def retrieve(name: str, questions: str | list[str], *, top_k: int | None = None, version=None, store=None,
+             search: str | None = None, where: str | None = None):
+    """The chunks of the index ``name`` that answer each question, ranked, and nothing
+    generated (for your own reader, or to measure retrieval alone): a DataFrame with one row
+    per question and rank: ``question``, ``rank``, ``id``, ``score`` (``vector_score`` and
+    ``keyword_score`` beside it in hybrid search), ``snippet``, ``metadata``. ``top_k``,
+    ``search`` and ``where`` as for ``ask``."""
+    import pandas as pd
+
+    answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where)
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    questions = [q.strip() for q in questions if q and q.strip()]
+    if not questions:
+        raise NbCustomError("no question given: write one question per line under %%rag NAME --retrieve")
+    index = load(name, version=version, store=_store(store), kind="rag")
+    found = index.retrieve(questions, answering.top_k, answering.search, answering.where)
+    rows = [{"question": q, "rank": rank, **{k: v for k, v in source.items() if k != "text"}}
+            for q, sources in zip(questions, found) for rank, source in enumerate(sources, 1)]
+    columns = ["question", "rank", "id", "score", "vector_score", "keyword_score", "snippet", "metadata"]
+    frame = pd.DataFrame(rows)
+    return frame.reindex(columns=[c for c in columns if c in frame.columns or not c.endswith("_score")])
+
+
 def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=None, con=None,
                 top_k: int | None = None, search: str | None = None, where: str | None = None):
     """Question/answer rows -> fine-tuning rows for a reader of the index ``name``:

@@ -17,7 +17,8 @@ _PARSERS = {
     "retrain": flags.parser("retrain", RetrainSpec),
     "rag": flags.parser(
         "rag", RagSpec,
-        switches=[("ask", "answer each line of the body"), ("eval", "evaluate on question/answer rows")],
+        switches=[("ask", "answer each line of the body"), ("retrieve", "rank the chunks for each line of the body, answer nothing"),
+                  ("eval", "evaluate on question/answer rows")],
     ),
     "predict": flags.parser("predict", PredictSpec),
 }
@@ -99,11 +100,14 @@ class NbCustom(Magics):
     @cell_magic
     def rag(self, line: str, cell: str):
         """%%rag NAME [--text COL] [--id COL] ... + SQL: build or refresh an index.
-        %%rag NAME --ask + questions; %%rag NAME --eval + SQL with question, answer."""
+        %%rag NAME --ask + questions; %%rag NAME --retrieve + questions (ranked chunks, no
+        answers); %%rag NAME --eval + SQL with question, answer."""
         args = self._args("rag", line)
         name = args.pop("name")
-        if args.get("ask") and args.get("eval"):
-            raise NbCustomError("use --ask (questions, one a line) or --eval (SQL with question and answer), not both")
+        if sum(bool(args.get(k)) for k in ("ask", "retrieve", "eval")) > 1:
+            raise NbCustomError("use one of --ask or --retrieve (questions, one a line) or --eval (SQL with question and answer)")
+        if args.pop("retrieve", False):
+            return api.retrieve(name, cell.splitlines(), store=self.store, **{k: args.get(k) for k in ("top_k", "search", "where")})
         if args.pop("ask", False):
             from .display.answers import show_answers
 

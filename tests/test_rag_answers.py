@@ -45,6 +45,31 @@ def test_hybrid_puts_the_only_document_with_a_code_first_where_vector_does_not(h
     assert first["score"] == pytest.approx(1 / (rag_search.RRF_K + 1) + 1 / (rag_search.RRF_K + by_rank[2]), abs=1e-4)
 
 
+def test_retrieve_ranks_chunks_and_generates_nothing(ip, handbook, monkeypatch):
+    """``nbcustom.retrieve`` and ``%%rag NAME --retrieve``: one row per question and rank, the
+    same sources ``ask`` would give the model, and no model loaded."""
+    from nbcustom.engines.rag import index as rag_index
+
+    monkeypatch.setattr(rag_index.RagIndex, "llm", lambda *a, **k: pytest.fail("retrieve loaded the answering model"))
+    questions = [CODE_QUESTION, QUESTIONS[0][0]]
+    frame = nbcustom.retrieve("hb", questions, top_k=3, store=handbook)
+    assert list(frame.columns) == ["question", "rank", "id", "score", "vector_score", "keyword_score", "snippet", "metadata"]
+    assert frame["question"].tolist() == [questions[0]] * 3 + [questions[1]] * 3 and frame["rank"].tolist() == [1, 2, 3] * 2
+    expected = nbcustom.load("hb", store=handbook).retrieve(questions, 3)
+    assert frame["id"].tolist() == [s["id"] for found in expected for s in found]
+    assert frame["id"].iloc[0] == 2 and "section" in frame["metadata"].iloc[0]
+    vector = nbcustom.retrieve("hb", CODE_QUESTION, top_k=2, search="vector", where="section = 'expenses'", store=handbook)
+    assert list(vector.columns) == ["question", "rank", "id", "score", "snippet", "metadata"]
+    assert all(m["section"] == "expenses" for m in vector["metadata"])
+    ip.run_line_magic("config", f"NbCustom.store = {str(handbook)!r}")
+    shown = ip.run_cell_magic("rag", "hb --retrieve --top-k 3", f"{CODE_QUESTION}\n\n{QUESTIONS[0][0]}\n")
+    assert shown.drop(columns="metadata").equals(frame.drop(columns="metadata"))
+    with pytest.raises(NbCustomError, match="one of --ask or --retrieve"):
+        ip.run_cell_magic("rag", "hb --retrieve --ask", CODE_QUESTION)
+    with pytest.raises(NbCustomError, match="no question given"):
+        ip.run_cell_magic("rag", "hb --retrieve", "\n")
+
+
 def test_hybrid_finds_every_source_vector_finds(handbook):
     index = nbcustom.load("hb", store=handbook)
     questions = [q for q, _, _ in QUESTIONS]
