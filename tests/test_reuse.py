@@ -101,7 +101,7 @@ def test_vector_search_ranks_like_a_plain_matrix_product(tmp_path):
     con = rag_store.create(tmp_path / rag_store.FILE, 16)
     rag_store.insert(con, chunks, vectors)
     rag_store.close(con)
-    index = rag_store.Vectors(tmp_path / rag_store.FILE)
+    index = rag_store.Vectors({"folder": tmp_path, "file": rag_store.FILE})
     for _ in range(5):
         query = rng.standard_normal(16)
         expected = index.matrix @ (query / np.linalg.norm(query)).astype(np.float32)

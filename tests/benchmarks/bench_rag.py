@@ -174,7 +174,7 @@ def fill_index(store: Path, name: str, total: int, seed: int = 3) -> int:
     version = s.get(name)
     path = version.model_dir / rag_store.FILE
     dim = int(version.manifest["index"]["dim"])
-    have = len(rag_store.Vectors(path))
+    have = len(rag_store.Vectors({"folder": path.parent, "file": path.name}))
     extra = max(0, total - have)
     rng = np.random.default_rng(seed)
     texts = frame(1000, seed=seed, start=10_000_000)
@@ -239,7 +239,7 @@ def bench_retrieval(chunks: int, queries: int, baseline_queries: int, scratch: P
     from llama_index.core import VectorStoreIndex
     from llama_index.core.schema import NodeRelationship, RelatedNodeInfo, TextNode
 
-    vectors = rag_store.Vectors(store / "big" / f"v{nbcustom.Store(store).active_version('big')}" / "model" / rag_store.FILE)
+    vectors = rag_store.Vectors({"folder": store / "big" / f"v{nbcustom.Store(store).active_version('big')}" / "model", "file": rag_store.FILE})
     embed_model = plain_embedder()
     started = time.perf_counter()
     nodes = [

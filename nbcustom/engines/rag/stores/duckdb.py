@@ -1,10 +1,12 @@
 """The vectors of a RAG index: one DuckDB table, ``chunks``, in ``model/index.duckdb``.
 
 Columns: chunk_id, row_id, position (chunk number within the row), hash (the row's content
-hash), text, metadata (JSON), embedding FLOAT[dim]. A refresh copies the unchanged rows'
-chunks from the previous version's file instead of embedding them again. Search loads the
-matrix once and ranks by cosine similarity with numpy (one pass over the matrix, fast at 100k
-chunks); ``DuckDBVectorStore`` exposes it to llama-index retrievers.
+hash), text, metadata (JSON), embedding FLOAT[dim], key (a number that stays with the chunk
+from version to version). A refresh copies the unchanged rows' chunks from the previous
+version's file instead of embedding them again. Search loads the matrix once and ranks by
+cosine similarity with numpy (one pass over the matrix); from ``ann.MIN_CHUNKS`` chunks on, an
+approximate index (``ann``, faiss IVF) in the version folder finds the candidates instead.
+``DuckDBVectorStore`` exposes the chunks to llama-index retrievers.
 """
 
 from __future__ import annotations
@@ -21,21 +23,29 @@ class Writer:
     """A new version's ``model/index.duckdb`` (the store interface's writer)."""
 
     def __init__(self, location: str, name: str, model_dir: Path, dim: int, previous: dict | None = None):
-        self._previous = previous
+        self._previous, self._folder = previous, Path(model_dir)
         self.can_copy = previous is not None and previous["backend"] == "duckdb"
-        self._con = create(Path(model_dir) / FILE, dim)
+        self._con = create(self._folder / FILE, dim)
+        self._next_key = self._first_new_key = _next_key(_path(previous)) if self.can_copy else 0
+        self._copied = False
 
     def insert(self, chunks: Sequence[dict], vectors) -> None:
-        insert(self._con, chunks, vectors)
+        insert(self._con, chunks, vectors, self._next_key)
+        self._next_key += len(chunks)
 
     def copy(self, row_ids: Sequence[str]) -> int:
         """Copy the previous version's chunks of ``row_ids``, file to file."""
-        return copy_rows(self._con, _path(self._previous), row_ids)
+        copied = copy_rows(self._con, _path(self._previous), row_ids, self._next_key)
+        self._copied, self._next_key = True, self._next_key + copied
+        return copied
 
     def finish(self) -> tuple[dict, int]:
+        from . import ann
+
         total = self._con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+        index = ann.write(self._con, self._folder, int(total), self._previous if self._copied else None, self._first_new_key)
         close(self._con)
-        return {"backend": "duckdb", "file": f"model/{FILE}"}, int(total)
+        return {"backend": "duckdb", "file": f"model/{FILE}", **({"ann": index} if index else {})}, int(total)
 
     def discard(self) -> None:
         """Close the file; it is inside the staging folder, which the store removes."""
@@ -49,13 +59,14 @@ def create(path: Path, dim: int):
     con = duckdb.connect(str(path))
     con.execute(
         f"""CREATE TABLE chunks (chunk_id VARCHAR PRIMARY KEY, row_id VARCHAR NOT NULL, position INTEGER,
-            hash VARCHAR NOT NULL, text VARCHAR, metadata JSON, embedding FLOAT[{int(dim)}])"""
+            hash VARCHAR NOT NULL, text VARCHAR, metadata JSON, embedding FLOAT[{int(dim)}], key BIGINT)"""
     )
     return con
 
 
-def insert(con, chunks: Sequence[dict], vectors) -> None:
-    """Add ``chunks`` (dicts with COLUMNS, metadata a dict) with their embedding rows."""
+def insert(con, chunks: Sequence[dict], vectors, first_key: int = 0) -> None:
+    """Add ``chunks`` (dicts with COLUMNS, metadata a dict) with their embedding rows, keyed
+    from ``first_key`` on."""
     import numpy as np
     import pyarrow as pa
 
@@ -68,6 +79,7 @@ def insert(con, chunks: Sequence[dict], vectors) -> None:
         {
             **{c: pa.array(v) for c, v in columns.items()},
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1]),
+            "key": pa.array(np.arange(first_key, first_key + len(chunks), dtype=np.int64)),
         }
     )
     con.register("__new_chunks", table)
@@ -77,8 +89,9 @@ def insert(con, chunks: Sequence[dict], vectors) -> None:
         con.unregister("__new_chunks")
 
 
-def copy_rows(con, previous: Path, row_ids: Sequence[str]) -> int:
-    """Copy the chunks of ``row_ids`` (vectors included) from a previous index file."""
+def copy_rows(con, previous: Path, row_ids: Sequence[str], next_key: int = 0) -> int:
+    """Copy the chunks of ``row_ids`` (vectors and keys included) from a previous index file
+    (one made before keys existed gets keys from ``next_key`` on)."""
     import pyarrow as pa
 
     if not len(row_ids):
@@ -86,12 +99,30 @@ def copy_rows(con, previous: Path, row_ids: Sequence[str]) -> int:
     con.execute(f"ATTACH '{_quoted(previous)}' AS previous (READ_ONLY)")
     con.register("__keep", pa.table({"row_id": pa.array(list(row_ids), pa.string())}))
     try:
+        keyed = bool(con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = 'previous' AND table_name = 'chunks' AND column_name = 'key'").fetchall()[0][0])
+        key = "c.key" if keyed else f"{int(next_key) - 1} + row_number() OVER ()"
         before = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
-        con.execute("INSERT INTO chunks SELECT c.* FROM previous.chunks c SEMI JOIN __keep k ON c.row_id = k.row_id").fetchall()
+        con.execute(
+            f"INSERT INTO chunks SELECT c.chunk_id, c.row_id, c.position, c.hash, c.text, c.metadata, c.embedding, {key} "
+            "FROM previous.chunks c SEMI JOIN __keep k ON c.row_id = k.row_id"
+        ).fetchall()
         return con.execute("SELECT count(*) FROM chunks").fetchall()[0][0] - before
     finally:
         con.unregister("__keep")
         con.execute("DETACH previous")
+
+
+def _next_key(path: Path) -> int:
+    """One more than the largest chunk key of an index file (0 for a file without keys)."""
+    import duckdb
+
+    con = duckdb.connect(str(path), read_only=True)
+    try:
+        if not con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'chunks' AND column_name = 'key'").fetchall()[0][0]:
+            return 0
+        return int(con.execute("SELECT coalesce(max(key) + 1, 0) FROM chunks").fetchall()[0][0])
+    finally:
+        con.close()
 
 
 def close(con) -> None:
@@ -101,7 +132,7 @@ def close(con) -> None:
 
 
 def open(entry: dict) -> "Vectors":
-    return Vectors(_path(entry))
+    return Vectors(entry)
 
 
 def drop(entry: dict) -> None:
@@ -120,13 +151,14 @@ def row_hashes(entry: dict) -> dict[str, str]:
 
 
 class Vectors:
-    """An index file's chunks in memory: texts, metadata and the normalized matrix."""
+    """An index file's chunks in memory: texts, metadata, the normalized matrix, and the
+    approximate index where the version has one."""
 
-    def __init__(self, path: Path):
+    def __init__(self, entry: dict):
         import duckdb
         import numpy as np
 
-        con = duckdb.connect(str(path), read_only=True)
+        con = duckdb.connect(str(_path(entry)), read_only=True)
         try:
             table = con.sql("SELECT * FROM chunks ORDER BY row_id, position").to_arrow_table()
         finally:
@@ -140,6 +172,13 @@ class Vectors:
         matrix = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
         norms = np.linalg.norm(matrix, axis=1, keepdims=True)
         self.matrix = matrix / np.where(norms == 0, 1, norms)
+        self._ann = None
+        if entry.get("ann"):
+            from . import ann
+
+            self._ann, self._keys = ann.load(entry["folder"], entry["ann"]), table.column("key").to_numpy()
+            self._position = np.full(int(self._keys.max()) + 1, -1, dtype=np.int64)
+            self._position[self._keys] = np.arange(len(self._keys))
 
     def __len__(self) -> int:
         return len(self.chunk_ids)
@@ -152,9 +191,14 @@ class Vectors:
         among the chunk positions ``among`` when given."""
         import numpy as np
 
+        from . import ann
+
+        positions = None if among is None else np.asarray(among, dtype=np.int64)
+        if self._ann is not None and (positions is None or len(positions) > ann.MIN_CHUNKS):  # else exact: as fast
+            keys, scores = ann.search(self._ann, query, k, None if positions is None else self._keys[positions])
+            return [(int(p), s) for p, s in zip(self._position[keys], scores)]
         q = np.asarray(query, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)
-        positions = None if among is None else np.asarray(among, dtype=np.int64)
         matrix = self.matrix if positions is None else self.matrix[positions]
         # einsum's own SIMD loop, not a BLAS matrix-vector product: the product is bound by
         # memory (one pass over the matrix), so one thread is as fast as BLAS's threads, and
