@@ -194,7 +194,7 @@ def fill_index(store: Path, name: str, total: int, seed: int = 3) -> int:
                         "chunk_id": f"{row_id}#0", "row_id": row_id, "position": 0, "hash": f"{i:064x}",
                         "text": sample["text"], "metadata": {"topic": sample["topic"]},
                     })
-                rag_store.insert(con, chunks, vectors)
+                rag_store.insert(con, chunks, vectors, have + start)  # keys after the real chunks
         finally:
             rag_store.close(con)
 

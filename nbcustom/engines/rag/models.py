@@ -53,6 +53,17 @@ def _embedding_class() -> type:
                 EMBED_CALLS["queries"] += len(queries)
                 return self._embed(list(queries), prompt_name="query") if queries else []
 
+            def _embed(self, inputs, prompt_name=None) -> list[list[float]]:
+                """Questions in ONNX Runtime where it applies (``onnx.py``: the same vectors, in
+                half the time); documents as llama-index embeds them (ONNX Runtime measured no
+                faster on batches)."""
+                from . import onnx
+
+                fast = onnx.runner(self._model, self.model_name) if prompt_name == "query" else None
+                if fast is not None and all(isinstance(i, str) for i in inputs):
+                    return fast.embed(list(inputs), self.embed_batch_size, self.normalize)
+                return super()._embed(inputs, prompt_name)
+
             def _get_text_embedding(self, text: str) -> list[float]:
                 EMBED_CALLS["documents"] += 1
                 return super()._get_text_embedding(text)
