@@ -5,8 +5,8 @@ A PostgreSQL URL in any form libpq accepts (``postgresql://USER:PASSWORD@HOST:PO
 libpq's defaults) given as ``--vector-store``, ``%config NbCustom.vector_store`` or
 ``NBCUSTOM_VECTOR_STORE`` is kept (spec, manifest, catalog) as given minus its password
 (in the user part or a ``password=`` parameter); the password stays in memory here, keyed by
-user, host and port (a PostgreSQL password belongs to a role on a server, not to a database). Without
-one, libpq finds it itself (``PGPASSWORD``, ``~/.pgpass``). Messages are masked with ``mask``.
+user, host and port (a PostgreSQL password belongs to a role on a server, not to a database).
+Without one, libpq finds it itself (``PGPASSWORD``, ``~/.pgpass``). Messages are masked with ``mask``.
 """
 
 from __future__ import annotations
@@ -74,8 +74,10 @@ def strip(url: str) -> str:
 
 def where(address: dict) -> str:
     """``HOST:PORT``, or the socket directory's path, for messages."""
-    host = address["host"] or "the local socket"
-    return f"{host}:{address['port']}" if not host.startswith("/") else f"the socket in {host} (port {address['port']})"
+    host, port = address["host"], address["port"]
+    if not host or host.startswith("/"):
+        return f"the socket in {host} (port {port})" if host else f"the local socket (port {port})"
+    return f"{host}:{port}"
 
 
 def _key(address: dict) -> tuple:

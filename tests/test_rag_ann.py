@@ -124,3 +124,17 @@ def test_rag_end_to_end_with_the_approximate_index(ip, store_dir, monkeypatch):
     assert v2.manifest["index"]["store"]["ann"]["trained_on"] == 50 and v2.manifest["counts"]["chunks_copied"] == 49
     found = nbcustom.retrieve("facts", ["Who is the harbor master of Port Ellisande?", tower], top_k=5, search="vector", store=store_dir)
     assert found["id"].iloc[0] == 51 and 7 not in found["id"].tolist()
+
+
+def test_a_refresh_of_a_version_made_before_keys_existed_gives_every_chunk_its_own_key(tmp_path):
+    import duckdb
+
+    vectors = clustered(40, seed=3)
+    v1, _, _ = write(tmp_path / "v1", [chunk(i) for i in range(30)], vectors[:30])
+    with duckdb.connect(str(v1.path / "model" / "index.duckdb")) as con:  # the file as older versions wrote it
+        con.execute("ALTER TABLE chunks DROP COLUMN key")
+    v2, copied, total = write(tmp_path / "v2", [chunk(i) for i in range(30, 40)], vectors[30:], previous=v1,
+                              copy=[f"r{i:05d}" for i in range(30)])
+    assert (copied, total) == (30, 40)
+    with duckdb.connect(str(v2.path / "model" / "index.duckdb"), read_only=True) as con:
+        assert sorted(k for (k,) in con.execute("SELECT key FROM chunks").fetchall()) == list(range(40))

@@ -161,7 +161,8 @@ class Base:
             row.add(token)
         finished = [row for row in batch.rows if row.done]
         for row in finished:
-            row.request.future.set_result(row.completion())
+            if not row.request.future.done():  # not failed while it was read
+                row.request.future.set_result(row.completion())
         if finished:
             batch.keep([i for i, row in enumerate(batch.rows) if not row.done])
 

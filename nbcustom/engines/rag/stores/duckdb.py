@@ -99,8 +99,7 @@ def copy_rows(con, previous: Path, row_ids: Sequence[str], next_key: int = 0) ->
     con.execute(f"ATTACH '{_quoted(previous)}' AS previous (READ_ONLY)")
     con.register("__keep", pa.table({"row_id": pa.array(list(row_ids), pa.string())}))
     try:
-        keyed = bool(con.execute("SELECT count(*) FROM duckdb_columns() WHERE database_name = 'previous' AND table_name = 'chunks' AND column_name = 'key'").fetchall()[0][0])
-        key = "c.key" if keyed else f"{int(next_key) - 1} + row_number() OVER ()"
+        key = "c.key" if _keyed(con, "previous") else f"{int(next_key) - 1} + row_number() OVER ()"
         before = con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
         con.execute(
             f"INSERT INTO chunks SELECT c.chunk_id, c.row_id, c.position, c.hash, c.text, c.metadata, c.embedding, {key} "
@@ -118,11 +117,17 @@ def _next_key(path: Path) -> int:
 
     con = duckdb.connect(str(path), read_only=True)
     try:
-        if not con.execute("SELECT count(*) FROM duckdb_columns() WHERE table_name = 'chunks' AND column_name = 'key'").fetchall()[0][0]:
-            return 0
-        return int(con.execute("SELECT coalesce(max(key) + 1, 0) FROM chunks").fetchall()[0][0])
+        return int(con.execute("SELECT coalesce(max(key) + 1, 0) FROM chunks").fetchall()[0][0]) if _keyed(con) else 0
     finally:
         con.close()
+
+
+def _keyed(con, database: str | None = None) -> bool:
+    """Whether the chunks table (of the attached ``database``) has keys (files made before
+    keys existed have not)."""
+    where = f"database_name = '{database}' AND " if database else ""
+    found = con.execute(f"SELECT count(*) FROM duckdb_columns() WHERE {where}table_name = 'chunks' AND column_name = 'key'")
+    return bool(found.fetchall()[0][0])
 
 
 def close(con) -> None:
