@@ -75,21 +75,31 @@ def test_split_with_batched_tokens_gives_the_chunks_of_a_plain_sentence_splitter
 def test_length_sorted_embedding_keeps_each_vector_with_its_text(embed_model):
     from nbcustom.engines.rag import index as rag
 
-    class Steps:
-        def __init__(self):
-            self.seen = []
-
-        def step(self, done, total):
-            self.seen.append((done, total))
-
     texts = list(_rows()["text"])[:20] + ["short", "a much longer text about lockers, parcels, couriers and gates " * 4]
-    steps = Steps()
-    vectors = rag.embed(embed_model, texts, steps)
+    seen = []
+    vectors = rag.embed(embed_model, texts, seen.append)
     one_by_one = np.asarray([embed_model.get_text_embedding(t) for t in texts], dtype=np.float32)
     assert vectors.shape == one_by_one.shape and vectors.dtype == np.float32
     assert np.abs(vectors - one_by_one).max() < 1e-4
-    assert steps.seen[-1] == (len(texts), len(texts))
-    assert rag.embed(embed_model, [], steps).shape[0] == 0
+    assert seen[-1] == len(texts)
+    assert rag.embed(embed_model, [], seen.append).shape[0] == 0
+
+
+def test_a_build_chunks_embeds_and_writes_a_slice_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Only one slice's chunks and vectors are in memory; the index is the same as in one go."""
+    import nbcustom
+    from nbcustom.engines.rag import index as rag
+    from nbcustom.engines.rag.stores import duckdb as rag_store
+
+    rows = _rows()
+    whole = nbcustom.rag("whole", rows, store=tmp_path / "store", ui="none")
+    written = []
+    monkeypatch.setattr(rag, "BUILD_SLICE", 3)
+    monkeypatch.setattr(rag_store.Writer, "insert", lambda self, chunks, vectors, insert=rag_store.Writer.insert: written.append(len(chunks)) or insert(self, chunks, vectors))
+    sliced = nbcustom.rag("sliced", rows, store=tmp_path / "store", ui="none")
+    assert len(written) == -(-len(rows) // 3) and sum(written) == sliced.manifest["counts"]["chunks"] == whole.manifest["counts"]["chunks"]
+    a, b = (rag_store.open({"folder": v.path, "file": "model/index.duckdb"}) for v in (whole, sliced))
+    assert a.chunk_ids == b.chunk_ids and np.abs(a.matrix - b.matrix).max() < 1e-5
 
 
 def test_vector_search_ranks_like_a_plain_matrix_product(tmp_path):

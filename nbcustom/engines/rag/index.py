@@ -24,6 +24,9 @@ SNIPPET = 200  # characters of a source shown with an answer
 EMBED_BATCH = 64
 FLAGGED = 0.5  # --eval flags an answer when at most this share of its sentences is supported
 SPLIT_BATCH, SPLIT_CHARS = 1000, 1_000_000  # rows (or characters) tokenized together before splitting
+# Rows chunked, embedded and written at a time: the chunks and their vectors of one slice are
+# in memory, not those of the whole build.
+BUILD_SLICE = 5_000
 # A refresh reuses vectors only when these options are the same as the previous version's.
 INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
 
@@ -162,15 +165,16 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     if kept and not reuse:
         raise NbCustomError("--append needs the same --embed, --chunk-size, --chunk-overlap and --vector-store as the previous version")
 
-    display.phase("chunking")
-    todo = frame[frame["row_id"].isin(set(to_embed))]
-    chunks = split(todo, spec, embed_model)
     display.phase("embedding")
+    todo = frame[frame["row_id"].isin(set(to_embed))]
     before_calls = EMBED_CALLS["documents"]
-    vectors = embed(embed_model, [c["embed_text"] for c in chunks], display)
-
+    for start in range(0, len(todo), BUILD_SLICE):  # chunk, embed and write a slice of rows at a time
+        part = todo.iloc[start : start + BUILD_SLICE]
+        chunks = split(part, spec, embed_model)
+        share = len(part) / max(1, len(chunks))
+        vectors = embed(embed_model, [c["embed_text"] for c in chunks], lambda n: display.step(start + round(n * share), len(todo)))
+        writer.insert(chunks, vectors)
     display.phase("writing vectors")
-    writer.insert(chunks, vectors)
     copied = writer.copy(copied_rows) if copied_rows else 0
     entry, total = writer.finish()
 
@@ -271,8 +275,9 @@ class _TokenCache:
         return ids
 
 
-def embed(embed_model, texts: list[str], display):
-    """Embedding vectors of ``texts`` (in their order), a batch at a time, with progress.
+def embed(embed_model, texts: list[str], progress=None):
+    """Embedding vectors of ``texts`` (in their order), a batch at a time; ``progress(n)``
+    after each batch.
 
     Texts are embedded longest first (by characters, as sentence-transformers sorts within
     one call), so each batch holds texts of similar length and little compute goes to padding;
@@ -280,13 +285,15 @@ def embed(embed_model, texts: list[str], display):
     import numpy as np
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    out = []
+    out = []  # float32 batches: a batch's Python floats are dropped at once
     for start in range(0, len(texts), EMBED_BATCH):
         with rag_models.quiet():
-            out += embed_model.get_text_embedding_batch([texts[i] for i in order[start : start + EMBED_BATCH]])
-        display.step(min(start + EMBED_BATCH, len(texts)), len(texts))
-    vectors = np.empty((len(texts), len(out[0]) if out else 0), dtype=np.float32)
-    vectors[order] = np.asarray(out, dtype=np.float32)
+            out.append(np.asarray(embed_model.get_text_embedding_batch([texts[i] for i in order[start : start + EMBED_BATCH]]), dtype=np.float32))
+        if progress:
+            progress(min(start + EMBED_BATCH, len(texts)))
+    vectors = np.empty((len(texts), out[0].shape[1] if out else 0), dtype=np.float32)
+    if out:
+        vectors[order] = np.concatenate(out)
     return vectors
 
 
