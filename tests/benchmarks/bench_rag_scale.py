@@ -3,6 +3,7 @@ IVF, ``rag/stores/ann.py``) against the exact search nbcustom used before (one p
 over the whole matrix), in one run. Not collected by pytest; run it by hand:
 
     .venv/bin/python tests/benchmarks/bench_rag_scale.py [--chunks 1000000] [--real-rows 2000] [--queries 50]
+        [--memory-rows 10000,100000] [--only search,memory]
 
 1. ``--real-rows`` rows (bench_rag.py's short records) are indexed through ``nbcustom.rag``
    with the real MiniLM model.
@@ -17,7 +18,12 @@ over the whole matrix), in one run. Not collected by pytest; run it by hand:
    ``nbcustom.retrieve`` runs once the index is loaded) with ``search="vector"``, query
    embedding included, p50 and p95.
 
-Goals: p50 under 20 ms at 1,000,000 chunks on 2 cores, recall@10 at least 0.95.
+4. Peak memory of a build: ``nbcustom.rag`` over ``--memory-rows`` rows (the real model), each
+   in a fresh process that builds in itself (``NBCUSTOM_WORKER=off``), its peak resident set
+   (``ru_maxrss``) against the same process after loading the model and building 100 rows.
+
+Goals: p50 under 20 ms at 1,000,000 chunks on 2 cores, recall@10 at least 0.95; the build's
+peak memory growing by no more than the vectors' own size (rows x 384 x 4 bytes).
 """
 
 from __future__ import annotations
@@ -44,21 +50,56 @@ def percentile(values, share: float) -> float:
     return values[min(len(values) - 1, int(round(share * len(values))) - 1)] * 1000
 
 
+MEMORY = """
+import resource, sys, time, tempfile
+sys.path.insert(0, {bench!r})
+import nbcustom
+from bench_rag import frame
+rows = frame({rows})
+with tempfile.TemporaryDirectory() as scratch:
+    nbcustom.rag("warm", frame(100, seed=5), store=scratch, ui="none", metadata="topic")
+    warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    nbcustom.rag("big", rows, store=scratch, ui="none", metadata="topic")
+    print(warm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - started)
+"""
+
+
+def peak_memory(sizes: list[int]) -> None:
+    import subprocess
+
+    for rows in sizes:
+        out = subprocess.run([sys.executable, "-c", MEMORY.format(bench=str(Path(__file__).resolve().parent), rows=rows)],
+                             capture_output=True, text=True, check=True, env={**os.environ, "NBCUSTOM_WORKER": "off"}).stdout.split()
+        warm, peak, seconds = int(out[-3]) / 1024, int(out[-2]) / 1024, float(out[-1])
+        print(f"build of {rows:>7,} rows: {seconds:6.1f} s ({rows / seconds:5.0f} rows/s), peak {peak:6.0f} MB, "
+              f"{peak - warm:5.0f} MB over the warmed-up process (the vectors alone: {rows * 384 * 4 / 2**20:4.0f} MB)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--chunks", type=int, default=1_000_000)
     parser.add_argument("--real-rows", type=int, default=2_000)
     parser.add_argument("--queries", type=int, default=50)
+    parser.add_argument("--memory-rows", default="10000,100000")
+    parser.add_argument("--only", default="search,memory")
     args = parser.parse_args()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.machine())
+    print(f"{cpu}, {os.cpu_count()} CPUs")
+    if "memory" in args.only:
+        peak_memory([int(n) for n in args.memory_rows.split(",")])
+    if "search" in args.only:
+        search(args)
 
+
+def search(args) -> None:
     import numpy as np
 
     import nbcustom
     from nbcustom.engines.rag import stores
     from nbcustom.store import Store
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.machine())
-    print(f"{cpu}, {os.cpu_count()} CPUs; {args.chunks:,} chunks ({args.real_rows:,} embedded by the real model, the rest synthetic around them)")
+    print(f"{args.chunks:,} chunks ({args.real_rows:,} embedded by the real model, the rest synthetic around them)")
     with tempfile.TemporaryDirectory() as scratch:
         store = Path(scratch) / "store"
         rows = frame(args.real_rows)
