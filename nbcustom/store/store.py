@@ -304,11 +304,12 @@ class Store:
     def get(self, name: str, version: int | None = None, verify: bool = True) -> Version:
         """Version ``version`` (default: the active one) of ``name``, checksums verified."""
         check_name(name)
-        known = [row["version"] for row in self.versions(name)]
+        rows = self.versions(name)  # versions and the active one from one read: a commit between two reads could split them
+        known = [row["version"] for row in rows]
         if not known:
             have = ", ".join(m["name"] for m in self.models()) or "none yet"
             raise NbCustomError(f"unknown model {name!r} (models in {self.root}: {have})")
-        version = self.active_version(name) if version is None else parse_version(version)
+        version = next((row["version"] for row in rows if row["active"]), None) if version is None else parse_version(version)
         if version not in known:
             raise NbCustomError(
                 f"{name} has no version {version} (versions: {', '.join(map(str, known))}); see %nbc versions {name}"
