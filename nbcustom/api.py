@@ -124,10 +124,7 @@ def ask(name: str, questions: str | list[str], *, top_k: int | None = None, vers
     extractive (that source sentence, no model). ``faithfulness`` is the share of the
     answer's sentences the sources support."""
     answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where, llm=llm, answers=answers)
-    questions = [questions] if isinstance(questions, str) else list(questions)
-    questions = [q.strip() for q in questions if q and q.strip()]
-    if not questions:
-        raise NbCustomError("no question given: write one question per line under %%rag NAME --ask")
+    questions = _questions(questions, "--ask")
     store = _store(store)
     index = load(name, version=version, store=store, kind="rag")
     return index.ask(questions, top_k=answering.top_k, search=answering.search, where=answering.where,
@@ -144,10 +141,7 @@ def retrieve(name: str, questions: str | list[str], *, top_k: int | None = None,
     import pandas as pd
 
     answering = AnswerSpec.from_options(top_k=top_k, search=search, where=where)
-    questions = [questions] if isinstance(questions, str) else list(questions)
-    questions = [q.strip() for q in questions if q and q.strip()]
-    if not questions:
-        raise NbCustomError("no question given: write one question per line under %%rag NAME --retrieve")
+    questions = _questions(questions, "--retrieve")
     index = load(name, version=version, store=_store(store), kind="rag")
     found = index.retrieve(questions, answering.top_k, answering.search, answering.where)
     rows = [{"question": q, "rank": rank, **{k: v for k, v in source.items() if k != "text"}}
@@ -155,6 +149,15 @@ def retrieve(name: str, questions: str | list[str], *, top_k: int | None = None,
     columns = ["question", "rank", "id", "score", "vector_score", "keyword_score", "snippet", "metadata"]
     frame = pd.DataFrame(rows)
     return frame.reindex(columns=[c for c in columns if c in frame.columns or not c.endswith("_score")])
+
+
+def _questions(questions: str | list[str], flag: str) -> list[str]:
+    """The non-blank questions, stripped; one line if there is none."""
+    questions = [questions] if isinstance(questions, str) else list(questions)
+    questions = [q.strip() for q in questions if q and q.strip()]
+    if not questions:
+        raise NbCustomError(f"no question given: write one question per line under %%rag NAME {flag}")
+    return questions
 
 
 def rag_prompts(name: str, qa_rows: Any, *, version=None, store=None, namespace=None, con=None,

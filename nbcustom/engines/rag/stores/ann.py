@@ -35,7 +35,8 @@ def probes(n_lists: int) -> int:
     return min(n_lists, max(16, n_lists // 32))
 
 
-def _unit(vectors):
+def unit(vectors):
+    """Rows scaled to length 1 (zero rows left as they are), float32."""
     import numpy as np
 
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
@@ -52,7 +53,7 @@ def _batches(con, where: str = "true"):
         if batch.num_rows:
             embedding = batch.column(1)
             matrix = embedding.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, embedding.type.list_size)
-            yield batch.column(0).to_numpy().astype(np.int64), _unit(matrix)
+            yield batch.column(0).to_numpy().astype(np.int64), unit(matrix)
 
 
 def write(con, folder: Path, total: int, previous: dict | None, first_new_key: int) -> dict | None:
@@ -88,7 +89,7 @@ def _trained(con, total: int):
     sample = con.execute(f"SELECT embedding FROM chunks USING SAMPLE {min(total, TRAIN_PER_LIST * n_lists)} ROWS").fetchnumpy()["embedding"]
     dim = len(sample[0])
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n_lists, faiss.METRIC_INNER_PRODUCT)
-    index.train(_unit(np.stack(sample)))
+    index.train(unit(np.stack(sample)))
     return index
 
 
@@ -96,7 +97,9 @@ def _gone(con, previous_file: Path, kept):
     """Keys of the previous version's chunks that this version does not have."""
     import numpy as np
 
-    con.execute(f"ATTACH '{str(previous_file).replace(chr(39), chr(39) * 2)}' AS previous_ann (READ_ONLY)")
+    from .duckdb import _quoted
+
+    con.execute(f"ATTACH '{_quoted(previous_file)}' AS previous_ann (READ_ONLY)")
     try:
         old = con.execute("SELECT key FROM previous_ann.chunks").fetchnumpy()["key"]
     finally:
@@ -118,7 +121,7 @@ def search(index, query, k: int, keys=None) -> tuple[list[int], list[float]]:
     import faiss
     import numpy as np
 
-    q = _unit(np.asarray(query, dtype=np.float32)[None])
+    q = unit(np.asarray(query, dtype=np.float32)[None])
     probe, selector = index.nprobe, None if keys is None else faiss.IDSelectorBatch(np.asarray(keys, dtype=np.int64))
     wanted = k if keys is None else min(k, len(keys))
     while True:

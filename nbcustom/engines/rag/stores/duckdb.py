@@ -163,6 +163,8 @@ class Vectors:
         import duckdb
         import numpy as np
 
+        from . import ann
+
         con = duckdb.connect(str(_path(entry)), read_only=True)
         try:
             table = con.sql("SELECT * FROM chunks ORDER BY row_id, position").to_arrow_table()
@@ -174,13 +176,9 @@ class Vectors:
         self._metadata: list[str] = table.column("metadata").to_pylist()
         embedding = table.column("embedding").combine_chunks()
         dim = embedding.type.list_size
-        matrix = embedding.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim)
-        norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-        self.matrix = matrix / np.where(norms == 0, 1, norms)
+        self.matrix = ann.unit(embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim))
         self._ann = None
         if entry.get("ann"):
-            from . import ann
-
             self._ann, self._keys = ann.load(entry["folder"], entry["ann"]), table.column("key").to_numpy()
             self._position = np.full(int(self._keys.max()) + 1, -1, dtype=np.int64)
             self._position[self._keys] = np.arange(len(self._keys))
