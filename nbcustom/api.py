@@ -74,6 +74,8 @@ def finetune(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
     kind = store.kind(name) or "llm"
     if kind == "rag":
         raise NbCustomError(f"{name} is a RAG index: refresh it with %%rag {name}")
+    if kind == "automl" and spec.method not in ("auto", "sft"):
+        raise NbCustomError(f"--method {spec.method} is for LLMs; {name} is an AutoML model: leave --method out")
     rows = rows_of(data, namespace, con, params)
     previous = _previous(store, name, spec.from_version)
     train = engine("llm").train if kind == "llm" else functools.partial(engine("automl").update, rows_from=_newest(store, previous))

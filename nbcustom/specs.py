@@ -110,11 +110,16 @@ class FinetuneSpec(Spec):
     eval_every: int | None = option(None, "LLM: holdout loss every N steps (default: about ten times per run, at least once per epoch)", type=int)
     patience: int | None = option(None, "LLM: stop after K evaluations without an improvement of the holdout loss (0: never; default: 2 for labels, 0 for text)", type=int)
     keep: str = option("best", "LLM: save the adapter of the best holdout loss (best) or of the last step (last)", choices=("best", "last"))
+    method: str = option("auto", "LLM: sft (learn the responses), dpo (prefer --chosen over --rejected), kto (good and bad answers, --feedback) or auto (dpo with chosen and rejected columns, kto with --feedback, else sft)", choices=("auto", "sft", "dpo", "kto"))
+    chosen: str = option("chosen", "dpo: column with the preferred answers")
+    rejected: str = option("rejected", "dpo: column with the answers not preferred")
+    feedback: str | None = option(None, "kto: boolean column, true where the response is good")
+    beta: float = option(0.1, "dpo/kto: how far the tuned model may move from its reference (the papers' beta)", type=float)
     promote: str = promote_option()
 
     def validate(self) -> None:
         super().validate()
-        self._positive("epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices",
+        self._positive("beta", "epochs", "max_steps", "lr", "batch_size", "max_length", "lora_r", "lora_alpha", "max_new_tokens", "time_limit", "devices",
                        "eval_every", "from_version")
         self._fraction("eval_frac")
         if self.patience is not None and self.patience < 0:

@@ -40,6 +40,25 @@ def handbook(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> str:
+    """A 2-layer model with the embedded model's architecture and tokenizer, saved to disk."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from nbcustom import models
+
+    embedded = models.resolve_llm(None)
+    config = AutoConfig.from_pretrained(embedded)
+    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(embedded).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def shell():
     ip = TestingShell.instance()
     ip.run_line_magic("load_ext", "nbcustom")

@@ -59,6 +59,7 @@ TAB = "SELECT x, y, z FROM rows"
 TS = "SELECT ts, v AS y FROM rows"
 RAG = "SELECT id, text FROM rows"
 QA = "SELECT question, answer FROM rows"
+PAIRS = "SELECT prompt, response AS chosen, text AS rejected FROM rows"
 PG = f"postgresql://nbc:{SECRET}@127.0.0.1:1/db"  # nothing listens on port 1
 
 
@@ -176,6 +177,22 @@ CASES = [
     Case("finetune AutoML: target all NULL", "finetune", "tab", "SELECT x, z, NULL::INTEGER AS y FROM rows", "NULL in all 30 rows"),
     Case("finetune AutoML: too few rows", "finetune", "tab", TAB + " LIMIT 5", "add rows"),
     Case("finetune time series: timestamp missing", "finetune", "ts", "SELECT v AS y FROM rows", "timestamp column ts"),
+    # %%finetune --method dpo|kto: options and rows
+    Case("finetune --method ppo", "finetune", "newbot --method ppo", LLM, "--method must be one of"),
+    Case("finetune --beta 0", "finetune", "newbot --beta 0", PAIRS, "--beta must be positive"),
+    Case("finetune dpo: no rejected column", "finetune", "newbot --method dpo", "SELECT prompt, response AS chosen FROM rows", "no column 'rejected'"),
+    Case("finetune dpo: chosen equals rejected", "finetune", "newbot", "SELECT prompt, response AS chosen, response AS rejected FROM rows",
+         "30 row(s) have the same 'chosen' and 'rejected'"),
+    Case("finetune dpo: empty rejected", "finetune", "newbot",
+         "SELECT prompt, response AS chosen, CASE WHEN x < 3 THEN '' ELSE text END AS rejected FROM rows", "3 row(s) have a NULL or empty 'rejected'"),
+    Case("finetune dpo: prompt longer than --max-length", "finetune", "newbot --max-length 20", PAIRS, "30 row(s) have a prompt of --max-length 20"),
+    Case("finetune kto without --feedback", "finetune", "newbot --method kto", LLM, "needs --feedback COL"),
+    Case("finetune kto: --feedback missing column", "finetune", "newbot --feedback nope", LLM, "no column 'nope'"),
+    Case("finetune kto: feedback all true", "finetune", "newbot --feedback good", "SELECT prompt, response, true AS good FROM rows", "all 30 rows have good = true"),
+    Case("finetune kto: feedback not boolean", "finetune", "newbot --feedback good", "SELECT prompt, response, z AS good FROM rows", "must be a boolean column"),
+    Case("finetune kto: feedback NULL", "finetune", "newbot --feedback good",
+         "SELECT prompt, response, CASE WHEN x < 2 THEN NULL ELSE y = 1 END AS good FROM rows", "2 row(s) have a NULL 'good'"),
+    Case("finetune dpo on an AutoML model", "finetune", "tab --method dpo", TAB, "--method dpo is for LLMs"),
     # %%retrain: options
     Case("retrain no --target", "retrain", "m", TAB, "--target COL is required"),
     Case("retrain --time-limit 0", "retrain", "m --target y --time-limit 0", TAB, "--time-limit must be positive"),

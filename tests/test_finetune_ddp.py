@@ -18,6 +18,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+import feedback_task
 import llm_task
 import nbcustom
 from conftest import snapshot
@@ -27,25 +28,6 @@ from nbcustom.engines.llm.train import Checkpoint
 from nbcustom.errors import NbCustomError
 
 OPTIONS = {"max_steps": 3, "batch_size": 8, "max_new_tokens": 2, "eval_frac": 0.2, "seed": 3}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> str:
-    """A 2-layer model with the embedded model's architecture and tokenizer, saved to disk."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from nbcustom import models
-
-    embedded = models.resolve_llm(None)
-    config = AutoConfig.from_pretrained(embedded)
-    config.update({"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128,
-                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16})
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny") / "model"
-    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(embedded).save_pretrained(folder)
-    return str(folder)
 
 
 def _ours() -> list[psutil.Process]:
@@ -94,6 +76,23 @@ def test_two_workers_train_the_same_lora_weights_as_one_process(tiny, tmp_path):
     assert two.manifest["metrics"]["after"]["eval_loss"] == pytest.approx(one.manifest["metrics"]["after"]["eval_loss"], rel=1e-5)
     assert not _ours()
     assert not launch.run_folder(Checkpoint(store, "two", "")).exists()  # cleaned up after success
+
+
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_two_workers_train_the_same_preference_adapter_as_one_process(tiny, tmp_path, method):
+    # DPO: each worker's pairs; KTO: each worker's rated answers, the KL estimate across both
+    rows, rating = (feedback_task.pairs(24), {}) if method == "dpo" else (feedback_task.rated(24), {"feedback": "good"})
+    exact = {**OPTIONS, "precision": "fp32", "method": method, **rating}
+    store = tmp_path / "store"
+    one = nbcustom.finetune("one", rows, store=store, ui="none", base=tiny, **exact)
+    two = nbcustom.finetune("two", rows, store=store, ui="none", base=tiny, devices=2, **exact)
+    a, b = _lora(two), _lora(one)
+    assert a.keys() == b.keys() and _relative(a, b) < 1e-5
+    assert all(float(v.abs().max()) > 0 for k, v in b.items() if "lora_B" in k)
+    assert two.manifest["llm"]["method"] == method and two.manifest["llm"]["world_size"] == 2
+    after = two.manifest["metrics"]["after"]
+    assert after["preference_loss"] == pytest.approx(one.manifest["metrics"]["after"]["preference_loss"], rel=1e-5)
+    assert not _ours()
 
 
 @pytest.mark.slow  # about a minute on a loaded 2-core machine (two launchers start)

@@ -9,7 +9,7 @@ the after-evaluation and commits the version as usual.
 
 Run folder (``cache_dir()/runs/KEY``, reused per store and model name)::
 
-    job.json        base model path, device, dtype, options, tokenized examples, schedule, state
+    job.json        base model path, device, dtype, options, tokenized examples (or feedback items), schedule, state
     start/          the adapter to start from (new LoRA or the previous version's)
     progress.jsonl  rank 0's display calls, one JSON object a line
     adapter/        the trained adapter (rank 0)
@@ -52,7 +52,7 @@ def run_folder(checkpoint) -> Path:
     return models.cache_dir() / "runs" / checkpoint.folder.name
 
 
-def train(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display) -> dict:
+def train(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, objective) -> dict:
     """``train._train_loop`` in torchrun workers: same arguments, same result, plus
     ``world_size`` and ``launcher``; ``model`` ends with the trained adapter."""
     from peft import set_peft_model_state_dict
@@ -61,7 +61,7 @@ def train(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint,
     causal = model.get_base_model()
     device = next(model.parameters()).device.type
     launcher = launcher_words(spec, device)
-    folder = prepare(run_folder(checkpoint), model, train_set, held_set, steps, spec, state, checkpoint, causal, device)
+    folder = prepare(run_folder(checkpoint), model, train_set, held_set, steps, spec, state, checkpoint, causal, device, objective)
     display.phase("starting workers")
     display.log(f"run folder {folder}; workers: {shlex.join(launcher)}")
     result = run(launcher + ["-m", WORKER, str(folder)], folder, display, env=worker_env(spec, device))
@@ -107,7 +107,7 @@ def worker_env(spec, device: str) -> dict:
     return env
 
 
-def prepare(folder: Path, model, train_set, held_set, steps, spec, state, checkpoint, causal, device: str) -> Path:
+def prepare(folder: Path, model, train_set, held_set, steps, spec, state, checkpoint, causal, device: str, objective) -> Path:
     """A fresh run folder with everything the workers read."""
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -115,7 +115,7 @@ def prepare(folder: Path, model, train_set, held_set, steps, spec, state, checkp
     job = {
         "base": causal.config.name_or_path, "device": device, "dtype": str(causal.dtype).removeprefix("torch."),
         "spec": spec.to_dict(), "train": [dataclasses.asdict(e) for e in train_set], "held": [dataclasses.asdict(e) for e in held_set],
-        "steps": steps, "state": state, "checkpoint": {"folder": str(checkpoint.folder), "fingerprint": checkpoint.fingerprint},
+        "likelihood": getattr(objective, "likelihood", False), "steps": steps, "state": state, "checkpoint": {"folder": str(checkpoint.folder), "fingerprint": checkpoint.fingerprint},
     }
     (folder / "job.json").write_text(json.dumps(job))
     return folder

@@ -25,39 +25,42 @@ AUTOCAST = True  # on a GPU with half-precision weights (benchmarks turn it off 
 def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
     """A training batch of ``items`` (each with ``ids`` and ``labels`` lists) packed into rows,
     as CPU tensors: ``input_ids``, ``position_ids``, ``targets`` (next-token labels, IGNORE
-    where none), ``used`` (real tokens per row) and ``tokens`` (their sum). Rows are as wide
+    where none), ``owners`` (the position in ``items`` of each target's item), ``used``
+    (real tokens per row) and ``tokens`` (their sum). Rows are as wide
     as the fullest row (at most ``capacity``, or the longest item if longer), or ``width``
     if given (fixed shapes for compiled models)."""
     import numpy as np
     import torch
 
     capacity = max(capacity, max(len(e.ids) for e in items))
-    rows: list[list] = []  # [used, [items]]
-    for item in sorted(items, key=lambda e: -len(e.ids)):
+    rows: list[list] = []  # [used, [(index, item)]]
+    for index, item in sorted(enumerate(items), key=lambda p: -len(p[1].ids)):
         free = next((r for r in rows if r[0] + len(item.ids) <= capacity), None)
         if free is None:
             free = [0, []]
             rows.append(free)
         free[0] += len(item.ids)
-        free[1].append(item)
+        free[1].append((index, item))
     trim, width = width is None, max(used for used, _ in rows) if width is None else max(width, capacity)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
     targets = np.full((len(rows), width), IGNORE, dtype=np.int64)
+    owners = np.full((len(rows), width), -1, dtype=np.int64)
     for row, (used, members) in enumerate(rows):
         start = 0
-        for e in members:
+        for index, e in members:
             n = len(e.ids)
             ids[row, start:start + n] = e.ids
             positions[row, start:start + n] = np.arange(n)
             targets[row, start:start + n - 1] = e.labels[1:]
+            owners[row, start:start + n - 1] = index
             start += n
         # padding continues the last example's positions: nothing attends to it (it comes
         # last), and a row holding one example needs no mask at all (the fast causal path)
         positions[row, start:] = np.arange(n, n + width - start)
     return {
         "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions), "targets": torch.from_numpy(targets),
-        "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),
+        "owners": torch.from_numpy(owners), "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),
     }
 
 
@@ -175,6 +178,31 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
     are more than ``lm_head(hidden)`` (soft-capping, scaling) go through their own forward."""
     import torch
 
+    return _through_head(
+        model, batch, lambda hidden, weight, labels: linear_cross_entropy(hidden, weight, labels, chunk),
+        lambda logits, labels: torch.nn.functional.cross_entropy(logits.float(), labels),
+    )
+
+
+def sequence_logps(model, batch: dict, count: int):
+    """(the summed log-probability of each packed item's targets, the number of its targets):
+    the log-likelihood of each of ``count`` items' responses, differentiable with respect to
+    the adapter."""
+    import torch
+
+    frozen = not _causal(model).get_output_embeddings().weight.requires_grad
+    logps, _ = _through_head(model, batch, linear_logps if frozen else None, lambda logits, labels: logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1))
+    owners = batch["owners"].flatten()[batch["targets"].flatten() != IGNORE].to(logps.device)
+    sums = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, owners, logps)
+    return sums, torch.bincount(owners, minlength=count)
+
+
+def _through_head(model, batch: dict, on_hidden, on_logits):
+    """(``on_hidden(hidden, head weight, labels)``, or ``on_logits(logits, labels)`` for models
+    whose logits are more than ``lm_head(hidden)`` and where ``on_hidden`` is None, at the
+    positions that carry a target; the number of targets)."""
+    import torch
+
     causal = _causal(model)
     body, head = getattr(causal, "model", None), causal.get_output_embeddings()
     device = head.weight.device
@@ -191,11 +219,11 @@ def causal_lm_loss(model, batch: dict, chunk: int | None = None):
     autocast = torch.autocast(device.type, dtype=head.weight.dtype) if half else contextlib.nullcontext()
     # on a CPU, Precision.computing turns peft's casts off once for the whole run
     with autocast, _adapter_casts_off(model, half and device.type != "cpu"):
-        if body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
+        if on_hidden is None or body is None or not isinstance(head, torch.nn.Linear) or _scales_logits(causal.config):
             logits = model(**inputs).logits
-            return torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep].float(), labels), len(labels)
+            return on_logits(logits.flatten(0, 1)[keep], labels), len(labels)
         hidden = body(**inputs).last_hidden_state.flatten(0, 1).index_select(0, keep)
-        return linear_cross_entropy(hidden, head.weight, labels, chunk), len(labels)
+        return on_hidden(hidden, head.weight, labels), len(labels)
 
 
 @contextlib.contextmanager
@@ -294,3 +322,41 @@ def _function():
             )
 
     return LinearCrossEntropy
+
+
+def linear_logps(hidden, weight, targets, chunk: int | None = None):
+    """``log_softmax(hidden @ weight.T)`` at ``targets``, one value per row, without storing
+    the logits; differentiable with respect to ``hidden`` only (a frozen head)."""
+    if chunk is None:
+        chunk = max(64, (2**31 if hidden.is_cuda else 2**28) // (4 * weight.shape[0]))
+    return _logps_function().apply(hidden, weight, targets, chunk)
+
+
+@functools.cache
+def _logps_function():
+    import torch
+
+    class LinearLogps(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets, chunk):
+            want_h = ctx.needs_input_grad[0]
+            exact = torch.promote_types(hidden.dtype, torch.float32)
+            out = torch.empty(hidden.shape[0], dtype=exact, device=hidden.device)
+            grad_h = torch.empty_like(hidden) if want_h else None  # d logp / d hidden = W[t] - softmax @ W
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                logits = (h @ weight.T).to(exact)
+                lse = logits.logsumexp(-1)
+                out[start:start + chunk] = logits.gather(1, t[:, None]).squeeze(1) - lse
+                if want_h:
+                    probs = logits.sub_(lse[:, None]).exp_().to(hidden.dtype)
+                    grad_h[start:start + chunk] = weight[t] - probs @ weight
+            ctx.save_for_backward(grad_h)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad):
+            (grad_h,) = ctx.saved_tensors
+            return grad_h * grad[:, None].to(grad_h.dtype), None, None, None
+
+    return LinearLogps

@@ -25,7 +25,7 @@ from pathlib import Path
 from ... import models
 from ...errors import NbCustomError
 from .. import Outcome
-from . import data as llm_data, early_stop, labels as llm_labels, launch, pack as llm_pack, precision as llm_precision
+from . import data as llm_data, early_stop, labels as llm_labels, launch, pack as llm_pack, precision as llm_precision, preference as llm_preference
 from .generate import adapted, generate, lora_config, mean_loss, score
 
 DEFAULT_BATCH = 8
@@ -58,7 +58,12 @@ def train(spec, rows, previous, build, display) -> Outcome:
 def _train(spec, rows, previous, build, display) -> Outcome:
     import torch
 
-    llm_data.check_rows(rows, spec.prompt, spec.response)
+    method, method_reason = llm_preference.choose(spec, rows.columns)
+    spec = dataclasses.replace(spec, method=method)
+    if method == "sft":
+        llm_data.check_rows(rows, spec.prompt, spec.response)
+    else:
+        llm_preference.check_rows(rows, spec, method)
     base = _base_name(spec, previous)
     path = models.resolve_llm(base)
     run_on = device_for(spec.device, spec.precision)
@@ -66,25 +71,34 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     # a continued run keeps the previous version's system message unless given a new one
     system = spec.system if spec.system is not None or previous is None else previous.manifest.get("llm", {}).get("system")
     tokenizer = _tokenizer(path)
-    every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, system)
+    if method == "sft":
+        every = llm_data.examples(rows, tokenizer, spec.prompt, spec.response, system)
+    else:
+        every = llm_preference.items(rows, tokenizer, spec, method, system)
     train_at, held_at = llm_data.split(len(rows), spec.eval_frac, spec.seed)
-    fits = [len(e) <= spec.max_length for e in every]
+    lengths = [getattr(e, "longest", None) or len(e) for e in every]
+    fits = [n <= spec.max_length for n in lengths]
     if not any(fits):
-        longest = min(len(e) for e in every)
-        raise NbCustomError(f"every example is longer than --max-length {spec.max_length} tokens (shortest: {longest}); raise --max-length")
+        raise NbCustomError(f"every example is longer than --max-length {spec.max_length} tokens (shortest: {min(lengths)}); raise --max-length")
     train_set = [every[i] for i in train_at if fits[i]]
     held_set = [every[i] for i in held_at if fits[i]]
     if not train_set or not held_set:
         side = "training" if not train_set else "holdout"
         raise NbCustomError(f"no {side} example is within --max-length {spec.max_length} tokens; raise --max-length or add rows")
-    previous_labels = previous.manifest.get("llm", {}).get("labels") if previous else None
-    responses = rows[spec.response].astype(str).tolist()
-    labels, task_reason = llm_labels.choose(spec.task, responses, train_at, held_at, tokenizer, spec.response, previous_labels)
-    task = "labels" if labels else "text"
+    likelihood = previous is None  # a preference run from the base model also learns the preferred answers
+    if method == "sft":
+        previous_labels = previous.manifest.get("llm", {}).get("labels") if previous else None
+        responses = rows[spec.response].astype(str).tolist()
+        labels, task_reason = llm_labels.choose(spec.task, responses, train_at, held_at, tokenizer, spec.response, previous_labels)
+        task = "labels" if labels else "text"
+    else:
+        train_set, held_set = llm_preference.mismatched(train_set), llm_preference.mismatched(held_set)
+        labels, task, task_reason = None, method, f"{method} ({method_reason})"
+    objective = objective_for(method, spec.beta, likelihood, tokenizer.pad_token_id)
     if spec.patience is None:
-        spec = dataclasses.replace(spec, patience=early_stop.PATIENCE[task])
+        spec = dataclasses.replace(spec, patience=early_stop.PATIENCE.get(task, 0))
     if spec.lr is None:
-        spec = dataclasses.replace(spec, lr=LR[task])
+        spec = dataclasses.replace(spec, lr=LR.get(task, LR["text"]))
 
     display.phase("loading model")
     model, tokenizer = models.load_llm(path, device, dtype)
@@ -94,17 +108,26 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     batch_size = min(spec.batch_size or DEFAULT_BATCH, len(train_set))
     steps = llm_data.schedule(len(train_set), batch_size, spec.epochs, spec.max_steps, spec.seed)
 
+    def scored(model, label):
+        if method == "sft":
+            return score(model, tokenizer, held_set, spec.max_new_tokens, display, label, labels)
+        return objective.score(model, tokenizer, held_set, spec.max_new_tokens, display, label)
+
     with adapted(model, **source) as peft_model, run_on.computing(peft_model):
+        if method != "sft":
+            display.phase("scoring the reference")
+            used = sorted({i for step in steps for i in step})  # a run shorter than an epoch scores only its rows
+            objective.reference(peft_model, [train_set[i] for i in used] + held_set, lambda i, n: display.step(i, n))  # the model as it starts
         state = checkpoint.load() if spec.resume else None
         if state is None:
             checkpoint.clear()
-            before, before_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "before", labels)
+            before, before_texts = scored(peft_model, "before")
             state = {"step": 0, "history": [], "eval_history": [], "before": before, "before_texts": before_texts, "seconds": 0.0, "tokens": 0}
         fast = llm_pack.accelerated(peft_model, "flex_attention" if device == "cuda" else None) if spec.compile else contextlib.nullcontext()
         with fast:
             loop = launch.train if launch.distributed(spec) else _train_loop  # torchrun workers, or here
-            run = loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display)
-        after, after_texts = score(peft_model, tokenizer, held_set, spec.max_new_tokens, display, "after", labels)
+            run = loop(peft_model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, objective)
+        after, after_texts = scored(peft_model, "after")
         display.phase("saving")
         peft_model.save_pretrained(build.model_dir)
         tokenizer.save_pretrained(build.model_dir)
@@ -116,7 +139,11 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     history, evals = state["history"], state["eval_history"]
     charts = {"loss": loss_chart(*zip(*history), *(zip(*evals) if evals else ((), ())))} if len(history) > 1 else {}
     held_rows = [e.row for e in held_set]
-    examples = rows.iloc[held_rows][[spec.prompt, spec.response]].rename(columns={spec.prompt: "prompt", spec.response: "reference"})
+    if method == "sft":
+        examples = rows.iloc[held_rows][[spec.prompt, spec.response]].rename(columns={spec.prompt: "prompt", spec.response: "reference"})
+    else:
+        answers = {"dpo": {spec.chosen: "preferred", spec.rejected: "rejected"}, "kto": {spec.response: "response", spec.feedback: "good"}}[method]
+        examples = rows.iloc[held_rows][[spec.prompt, *answers]].rename(columns={spec.prompt: "prompt", **answers})
     examples = examples.assign(before=state["before_texts"], after=after_texts).reset_index(drop=True)
     dropped = fits.count(False)
     notes = [f"continued from v{previous.version}'s adapter (LoRA r={lora.r} kept)"] if previous else []
@@ -127,11 +154,17 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     elif spec.resume:
         notes.append(f"--resume found no checkpoint of this run (one is written at most every {CHECKPOINT_SECONDS:.0f} s of training): trained from the start")
     notes.append(f"task: {task_reason}")
+    if method != "sft":
+        reference = f"v{previous.version}" if previous else "the base model"
+        notes.append(f"reference model: {reference} (beta {spec.beta})" + (
+            f"; a likelihood term on the preferred answers (weight {llm_preference.LIKELIHOOD}) teaches them, as there is no tuned parent" if likelihood else ""))
+        notes.extend(llm_preference.shown(tokenizer, train_set[0]))
     notes.extend(early_stop.notes(run))
     compiled = " with compiled layers" + (" and flex attention" if device == "cuda" else "") if spec.compile else ""
     where = f"{run['world_size']} {device} workers" if "world_size" in run else device
     notes.append(f"trained {run['steps']} steps at {run['tokens_per_s']:.0f} tokens/s on {where}{compiled} in {run_on.name} ({run_on.why})")
-    label_info, tables = {}, {}
+    # what --promote if-better compares: a preference run's holdout preference loss
+    label_info, tables = ({"eval_metric": "preference_loss", "higher_is_better": False} if method != "sft" else {}), {}
     if labels:
         references = [e.response for e in held_set]
         label_info, tables, charts["confusion"] = llm_labels.report(labels, state["before_texts"], after_texts, references, f"v{previous.version}" if previous else "base")
@@ -144,6 +177,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
             "base": {"name": base or models.DEFAULT_LLM, "path": str(path), "id": model.config.name_or_path},
             "llm": {
                 "prompt": spec.prompt, "response": spec.response, "system": system, "task": task, "labels": labels, "lr": spec.lr,
+                "method": method, **({"beta": spec.beta, "likelihood": likelihood, "reference": f"v{previous.version}" if previous else "base"} if method != "sft" else {}),
                 "lora": {"r": lora.r, "alpha": lora.lora_alpha, "target_modules": sorted(lora.target_modules)},
                 "batch_size": batch_size, "device": device, "dtype": dtype, "precision": {"name": run_on.name, "compute": run_on.compute, "why": run_on.why}, **run,
             },
@@ -154,13 +188,44 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     )
 
 
-def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, backward=llm_pack.backward) -> dict:
-    """AdamW with linear warmup and decay, one packed batch per step; updates
+class SFT:
+    """``--method sft``: the mean cross-entropy of the responses, on packed batches."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def batch(self, found) -> dict:
+        # rows as wide as the step's longest example: little padding, and little attention
+        # computed between examples only to be masked out
+        return llm_pack.pack(found, 0, self.pad_id)
+
+    def share(self, batch: dict, rank: int, world: int) -> tuple[dict | None, float]:
+        """A torchrun worker's packed rows of the step, and their share of its targets."""
+        mine = llm_pack.shard(batch, rank, world)
+        total = int((batch["targets"] != llm_pack.IGNORE).sum())
+        return mine, (int((mine["targets"] != llm_pack.IGNORE).sum()) if mine else 0) / max(total, 1)
+
+    def backward(self, model, batch: dict, max_tokens: int, streams: int = 1):
+        return llm_pack.backward(model, batch, max_tokens, streams)
+
+    def evaluate(self, model, held) -> tuple[float, dict]:
+        return mean_loss(model, held, self.pad_id), {}
+
+
+def objective_for(method: str, beta: float, likelihood: bool, pad_id: int):
+    """The training objective of ``--method``."""
+    return SFT(pad_id) if method == "sft" else llm_preference.Objective(method, beta, likelihood, pad_id)
+
+
+def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, checkpoint, display, objective, backward=None) -> dict:
+    """AdamW with linear warmup and decay, one batch of ``objective`` per step; updates
     ``state`` (step, losses, tokens) and checkpoints it as it goes. Holdout evaluations
     decide when to stop (``early_stop.Watch``); on return the model holds the adapter to
-    keep. ``backward`` computes a step's gradient (torchrun workers pass one that averages
-    it across them)."""
+    keep. ``backward`` computes a step's gradient (default: the objective's; torchrun
+    workers pass one that averages it across them)."""
     import torch
+
+    backward = backward or objective.backward
 
     total = len(steps)
     warmup = max(1, round(WARMUP * total))
@@ -184,9 +249,7 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
     started = time.monotonic()  # of the training since the last checkpoint (evaluations are moved out)
 
     def packed(step):
-        # rows as wide as the step's longest example: little padding, and little attention
-        # computed between examples only to be masked out
-        return llm_pack.pack([train_set[i] for i in steps[step]], 0, tokenizer.pad_token_id)
+        return objective.batch([train_set[i] for i in steps[step]])
 
     batch = packed(resumed_from) if resumed_from < total else None
     try:
@@ -206,10 +269,12 @@ def _train_loop(model, tokenizer, train_set, held_set, steps, spec, state, check
             display.step(done, total, loss=loss, lr=scheduler.get_last_lr()[0])
             if watch.due(done, total):
                 paused = time.monotonic()
-                eval_loss = mean_loss(model, held_set, tokenizer.pad_token_id)
+                eval_loss, metrics = objective.evaluate(model, held_set)
                 state["eval_history"].append((done, eval_loss))
-                display.step(done, eval_loss=eval_loss)
-                display.log(f"step {done} (epoch {math.ceil(done / per_epoch)}): eval_loss {eval_loss:.4f}")
+                accuracy = metrics.get("preference_accuracy")
+                display.step(done, eval_loss=eval_loss, **({"preference_accuracy": accuracy} if accuracy is not None else {}))
+                also = f", preference accuracy {accuracy:.3f}" if accuracy is not None else ""
+                display.log(f"step {done} (epoch {math.ceil(done / per_epoch)}): eval_loss {eval_loss:.4f}{also}")
                 evaluated = time.monotonic() - paused  # not training time: the throughput is the steps'
                 started += evaluated
                 state["eval_seconds"] = state.get("eval_seconds", 0.0) + evaluated

@@ -20,8 +20,8 @@ from types import SimpleNamespace
 
 from ... import models
 from .data import Example
-from .pack import IGNORE, shard
-from .train import Checkpoint, _train_loop
+from .preference import Item
+from .train import Checkpoint, _train_loop, objective_for
 
 
 class Progress:
@@ -44,21 +44,17 @@ class Progress:
         self._write("log", line)
 
 
-def averaged_backward(rank: int, world: int):
+def averaged_backward(objective, rank: int, world: int):
     """A ``backward(model, batch, max_tokens, streams)`` for ``_train_loop`` that leaves every
-    worker with the gradient of the whole batch's mean loss, and returns that loss."""
+    worker with the gradient of the whole batch's mean loss, and returns that loss: each
+    computes its share of the batch (``objective.share``), weighted by that share."""
     import torch
     import torch.distributed as dist
 
-    from . import pack as llm_pack
-
     def backward(model, batch, max_tokens, streams=1):
         params = [p for p in model.parameters() if p.requires_grad]
-        mine = shard(batch, rank, world)
-        total = int((batch["targets"] != IGNORE).sum())
-        targets = int((mine["targets"] != IGNORE).sum()) if mine else 0
-        loss = llm_pack.backward(model, mine, max_tokens, streams) if mine else torch.zeros((), device=params[0].device)
-        weight = targets / max(total, 1)
+        mine, weight = objective.share(batch, rank, world)
+        loss = objective.backward(model, mine, max_tokens, streams) if mine else torch.zeros((), device=params[0].device)
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params] + [loss.detach().reshape(1).to(params[0].dtype)])
         flat.mul_(weight)
         dist.all_reduce(flat)
@@ -92,13 +88,15 @@ def main(folder: Path) -> None:
     checkpoint.folder = Path(job["checkpoint"]["folder"])  # the kernel's, so --resume finds it
     with models.quiet():
         model, tokenizer = models.load_llm(Path(job["base"]), device, job["dtype"])
-        train_set, held_set = ([Example(**e) for e in job[k]] for k in ("train", "held"))
+        item = (lambda e: Example(**e)) if spec.method == "sft" else Item.from_dict
+        train_set, held_set = ([item(e) for e in job[k]] for k in ("train", "held"))
+        objective = objective_for(spec.method, spec.beta, job["likelihood"], tokenizer.pad_token_id)
         with adapted(model, adapter_dir=folder / "start", trainable=True) as peft_model:
             display = Progress(folder / "progress.jsonl" if rank == 0 else None)
             fast = accelerated(peft_model, "flex_attention" if device.startswith("cuda") else None) if spec.compile else contextlib.nullcontext()
             with fast, precision.choose(device.split(":")[0], spec.precision).computing(peft_model):
                 run = _train_loop(peft_model, tokenizer, train_set, held_set, job["steps"], spec, job["state"], checkpoint, display,
-                                  backward=averaged_backward(rank, world))
+                                  objective, backward=averaged_backward(objective, rank, world))
             if rank == 0:
                 peft_model.save_pretrained(folder / "adapter")
                 result = {"run": run, "state": job["state"], "world_size": world}
