@@ -330,14 +330,17 @@ def pairs(n: int = 200, seed: int = 0):
     import pandas as pd
 
     rng = random.Random(seed)
+    out = [{"prompt": f["prompt"], "chosen": _reply(rng, issue, f), "rejected": _reply(rng, issue, f, KINDS[i % len(KINDS)])}
+           for i, issue, f in _cases(rng, n)]
+    return pd.DataFrame(out).sample(frac=1, random_state=seed).reset_index(drop=True)
+
+
+def _cases(rng: random.Random, n: int):
+    """(i, issue type, case) for ``n`` messages, each with its own order number."""
     numbers = rng.sample(range(10000, 100000), n)
-    out = []
     for i in range(n):
         issue = TYPES[i % len(TYPES)]
-        f = _case(rng, issue, numbers[i])
-        out.append({"prompt": f["prompt"], "chosen": _reply(rng, issue, f),
-                    "rejected": _reply(rng, issue, f, KINDS[i % len(KINDS)])})
-    return pd.DataFrame(out).sample(frac=1, random_state=seed).reset_index(drop=True)
+        yield i, issue, _case(rng, issue, numbers[i])
 
 
 def rated(n: int = 200, seed: int = 1):
@@ -346,11 +349,8 @@ def rated(n: int = 200, seed: int = 1):
     import pandas as pd
 
     rng = random.Random(seed)
-    numbers = rng.sample(range(10000, 100000), n)
     out = []
-    for i in range(n):
-        issue = TYPES[i % len(TYPES)]
-        f = _case(rng, issue, numbers[i])
+    for i, issue, f in _cases(rng, n):
         good = i % 2 == 0
         breaks = () if good else KINDS[(i // 2) % len(KINDS)]
         out.append({"prompt": f["prompt"], "response": _reply(rng, issue, f, breaks), "good": good})

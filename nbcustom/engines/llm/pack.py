@@ -273,11 +273,12 @@ def _scales_logits(config) -> bool:
 def linear_cross_entropy(hidden, weight, targets, chunk: int | None = None):
     """``cross_entropy(hidden @ weight.T, targets)`` (mean) without storing the logits:
     at most ``chunk`` rows of logits exist at a time."""
-    if chunk is None:
-        # about 256 MB of float32 logits on CPU, 2 GB on a GPU
-        budget = 2**31 if hidden.is_cuda else 2**28
-        chunk = max(64, budget // (4 * weight.shape[0]))
-    return _function().apply(hidden, weight, targets, chunk)
+    return _function().apply(hidden, weight, targets, chunk or _chunk(hidden, weight))
+
+
+def _chunk(hidden, weight) -> int:
+    """Rows of logits at a time: about 256 MB of float32 logits on CPU, 2 GB on a GPU."""
+    return max(64, (2**31 if hidden.is_cuda else 2**28) // (4 * weight.shape[0]))
 
 
 @functools.cache
@@ -327,9 +328,7 @@ def _function():
 def linear_logps(hidden, weight, targets, chunk: int | None = None):
     """``log_softmax(hidden @ weight.T)`` at ``targets``, one value per row, without storing
     the logits; differentiable with respect to ``hidden`` only (a frozen head)."""
-    if chunk is None:
-        chunk = max(64, (2**31 if hidden.is_cuda else 2**28) // (4 * weight.shape[0]))
-    return _logps_function().apply(hidden, weight, targets, chunk)
+    return _logps_function().apply(hidden, weight, targets, chunk or _chunk(hidden, weight))
 
 
 @functools.cache

@@ -122,12 +122,10 @@ def mismatched(found: list[Item]) -> list[Item]:
         return found
     out = []
     for i, item in enumerate(found):
-        other = found[(i + 1) % len(found)].sequences[0]
-        kl = Example(item.row, item.sequences[0].prompt, other.response, item.sequences[0].system)
-        kl.ids = item.sequences[0].ids[: item.sequences[0].prompt_length] + other.ids[other.prompt_length:]
-        kl.labels = [llm_pack.IGNORE] * item.sequences[0].prompt_length + other.ids[other.prompt_length:]
-        kl.prompt_length = item.sequences[0].prompt_length
-        out.append(dataclasses.replace(item, sequences=[item.sequences[0], kl]))
+        own, other = item.sequences[0], found[(i + 1) % len(found)].sequences[0]
+        head, answer = own.ids[: own.prompt_length], other.ids[other.prompt_length:]
+        kl = Example(item.row, own.prompt, other.response, own.system, head + answer, [llm_pack.IGNORE] * len(head) + answer, len(head))
+        out.append(dataclasses.replace(item, sequences=[own, kl]))
     return out
 
 
@@ -153,7 +151,7 @@ class Objective:
     def batch(self, found: list[Item]) -> dict:
         return {"items": found, "tokens": sum(len(i) for i in found)}
 
-    def share(self, batch: dict, rank: int, world: int) -> tuple[dict | None, float]:
+    def share(self, batch: dict, rank: int, world: int) -> tuple[dict, float]:
         """A torchrun worker's items of the step, and their share of the step's mean loss."""
         mine = batch["items"][rank::world]  # maybe none: a KTO worker still joins the KL estimate
         return self.batch(mine), len(mine) / len(batch["items"])
