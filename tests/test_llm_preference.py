@@ -141,3 +141,6 @@ def test_dpo_after_sft_is_tuned_against_v1_promoted_on_the_preference_loss_and_p
     assert promotion["metric"] == "preference_loss" and promotion["promote"] == (v2.manifest["metrics"]["after"]["preference_loss"] <= before["preference_loss"])
     answers = nbcustom.predict("bot", pd.DataFrame({"prompt": ["Where is order #12345?"]}), store=store, version=2)
     assert len(answers) == 1 and answers.columns[-1] != "prompt"
+    # a plain PEFT adapter: exported like any fine-tune
+    written = nbcustom.export("bot", version=2, store=store, format="merged", to=str(tmp_path / "merged"))
+    assert written and (tmp_path / "merged" / "config.json").exists()
