@@ -200,7 +200,8 @@ class Objective:
         return (total[0] / total[1].clamp(min=1)).clamp(min=0)
 
     def losses(self, model, group: list[Item], z=None) -> dict:
-        """Per item: ``loss`` (the one trained, with the likelihood term), ``preference``
+        """Per item (KTO: ``z`` from ``kl``, over the step or the holdout, not the group):
+        ``loss`` (the one trained, with the likelihood term), ``preference``
         (without it), ``reward`` (DPO: chosen minus rejected; KTO: the answer's), and for
         DPO ``likelier`` (the chosen answer has the higher mean token log-probability)."""
         import torch
@@ -218,7 +219,7 @@ class Objective:
         else:
             sums, counts = self._logps(model, [item.sequences[0] for item in group])
             ref = ref.to(sums.device)
-            z = (self.kl(model, group) if z is None else z).to(sums.device)
+            z = z.to(sums.device)
             ratio = sums - ref[:, 0]
             good = torch.tensor([item.good for item in group], device=sums.device)
             preference = torch.where(good, 1 - torch.sigmoid(self.beta * (ratio - z)), 1 - torch.sigmoid(self.beta * (z - ratio)))
