@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import nbcustom
+from nbcustom.engines.llm.generator import Generator
 from nbcustom.store import Store
 
 import label_task
@@ -93,7 +94,10 @@ def test_the_openai_client_talks_to_every_kind_of_model(server, served_store):
     expected = nbcustom.predict("router", f"SELECT '{TICKET}' AS prompt", store=served_store)
     label = ask(api, "router", TICKET)
     assert label.choices[0].message.content == expected["prediction"][0] in label_task.LABELS
-    assert label.model_extra["confidence"] == pytest.approx(expected["confidence"][0], abs=1e-3)
+    # both compute in the version's precision; in bf16 (a CPU with native bf16) through different
+    # kernels (peft with nbcustom's lean LoRA, the server's stacked adapters): within bf16 rounding
+    bf16 = Generator(Store(served_store).get("router")).run_on.compute == "bfloat16"
+    assert label.model_extra["confidence"] == pytest.approx(expected["confidence"][0], abs=3e-2 if bf16 else 1e-3)
 
     # a RAG index: the answer and its sources
     rag = ask(api, "hb", "Which form is used to request parental leave?")

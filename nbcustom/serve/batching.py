@@ -56,9 +56,11 @@ class Completion:
 class Base:
     """A base model with the adapters of its served versions, answering ``Request``s."""
 
-    def __init__(self, path, device: str = "cpu", dtype: str = "float32"):
-        # its own copy: the adapters stay on it, away from the RAG indexes' answering model
-        self.model, self.tokenizer = models.load_llm(path, device, dtype, shared=False)
+    def __init__(self, path, run_on):
+        # its own copy: the adapters stay on it, away from the RAG indexes' answering model;
+        # ``run_on`` (a ``precision.Precision``): what %%predict computes its versions in
+        self.model, self.tokenizer = models.load_llm(path, run_on.device, run_on.weights, shared=False)
+        self.run_on = run_on
         self.lora = MultiLoRA(self.model)
         self.lock = threading.Lock()  # one forward pass at a time: decoding, label scoring, adapter loading
         self.queue: queue.Queue[Request] = queue.Queue()
@@ -83,7 +85,7 @@ class Base:
 
         from ..engines.llm import labels as llm_labels
 
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), self.run_on.autocast():
             self.lora.use([adapter])
             found, confidence = llm_labels.classify(self.model, self.tokenizer, [ids], labels)
         return found[0], confidence[0]
@@ -128,7 +130,7 @@ class Base:
         device = next(self.model.parameters()).device
         prompts = llm_data.left_padded([r.ids for r in requests], self.tokenizer.pad_token_id, device)
         mask, cache = prompts["attention_mask"], DynamicCache()
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), self.run_on.autocast():
             self.lora.use([r.adapter for r in requests])
             logits = self.model(
                 input_ids=prompts["input_ids"], attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
@@ -144,7 +146,7 @@ class Base:
         import torch
 
         mask = torch.nn.functional.pad(batch.mask, (0, 1), value=1)
-        with self.lock, torch.inference_mode():
+        with self.lock, torch.inference_mode(), self.run_on.autocast():
             self.lora.use([row.request.adapter for row in batch.rows])
             logits = self.model(
                 input_ids=batch.tokens[:, None], attention_mask=mask, position_ids=batch.mask.sum(1, keepdim=True),

@@ -28,7 +28,7 @@ class Served:
         self.store = store
         self.names = names or None  # None: every LLM and RAG model of the store
         self._lock = threading.Lock()
-        self._bases: dict[str, Base] = {}
+        self._bases: dict[tuple, Base] = {}
         self._versions: dict[tuple, object] = {}  # (name, version) -> Version, checksums verified once
         self._indexes: dict[tuple, object] = {}
         self._ids: tuple | None = None  # (the store's file stamps, ids)
@@ -78,16 +78,18 @@ class Served:
             return self._versions[key]
 
     def base(self, version) -> Base:
-        """The base model of an LLM version (loaded once, shared by its versions)."""
-        import torch
+        """The base model of an LLM version in the precision ``%%predict`` computes it in
+        (loaded once, shared by the versions computed alike)."""
+        from ..engines.llm.generator import Generator
 
         info = version.manifest.get("base", {})
         path = Path(info["path"]) if info.get("path") and Path(info["path"]).is_dir() else models.resolve_llm(info.get("name"))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        run_on = Generator(version).run_on
+        key = (str(path), run_on.device, run_on.compute)
         with self._lock:
-            if str(path) not in self._bases:
-                self._bases[str(path)] = Base(path, device, "float32")
-            return self._bases[str(path)]
+            if key not in self._bases:
+                self._bases[key] = Base(path, run_on)
+            return self._bases[key]
 
     def bases(self) -> list[Base]:
         with self._lock:

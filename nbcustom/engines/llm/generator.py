@@ -40,10 +40,10 @@ class Generator:
     def _base(self):
         base = self.version.manifest.get("base", {})
         path = Path(base["path"]) if base.get("path") and Path(base["path"]).is_dir() else models.resolve_llm(base.get("name"))
-        return models.load_llm(path, self._run_on.device, self._run_on.weights)
+        return models.load_llm(path, self.run_on.device, self.run_on.weights)
 
     @functools.cached_property
-    def _run_on(self):
+    def run_on(self):
         """Where and in which precision this version computes (decided once)."""
         return device_for("auto", self.precision, strict=False)
 
@@ -63,7 +63,7 @@ class Generator:
         with models.quiet():
             model, tokenizer = self._base()
             ids = [llm_data.prompt_ids(tokenizer, p, s) for p, s in zip(prompts, systems)]
-            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, self._run_on.computing(peft_model, training=False):
+            with adapted(model, adapter_dir=self.adapter_dir) as peft_model, self.run_on.computing(peft_model, training=False):
                 return answer(peft_model, tokenizer, ids)
 
     def predict(self, rows, max_new_tokens: int | None = None):

@@ -103,8 +103,16 @@ class Precision:
             if attention == "sdpa":
                 undo.callback(causal.set_attn_implementation, attention)
                 causal.set_attn_implementation(_float32_sdpa())
-            undo.enter_context(torch.autocast(self.device, dtype=dtype, cache_enabled=False))
+            undo.enter_context(self.autocast())
             yield model
+
+    def autocast(self):
+        """Autocast to the compute dtype, where it differs from the weights' (else nothing)."""
+        import torch
+
+        if self.compute == self.weights:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=getattr(torch, self.compute), cache_enabled=False)
 
 
 @dataclass(frozen=True)
