@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 HEAVY = ("torch", "transformers", "autogluon", "peft", "llama_index", "mlflow")
 
 
@@ -33,6 +35,7 @@ def test_config_traits(shell, tmp_path):
     assert magics.ui == "static"
 
 
+@pytest.mark.slow
 def test_environment_sets_defaults(tmp_path):
     code = """
 from IPython.core.interactiveshell import InteractiveShell

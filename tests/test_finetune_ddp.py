@@ -53,6 +53,7 @@ def _relative(a: dict, b: dict) -> float:
     return float(sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5 / sum((b[k] ** 2).sum() for k in b) ** 0.5)
 
 
+@pytest.mark.slow
 def test_two_workers_train_the_same_lora_weights_as_one_process(tiny, tmp_path):
     rows = llm_task.rows(30)
     store = tmp_path / "store"
@@ -78,6 +79,7 @@ def test_two_workers_train_the_same_lora_weights_as_one_process(tiny, tmp_path):
     assert not launch.run_folder(Checkpoint(store, "two", "")).exists()  # cleaned up after success
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_two_workers_train_the_same_preference_adapter_as_one_process(tiny, tmp_path, method):
     # DPO: each worker's pairs; KTO: each worker's rated answers, the KL estimate across both
@@ -156,6 +158,7 @@ def test_a_killed_worker_is_one_line_no_version_and_no_process_left(tiny, tmp_pa
     assert not _ours()
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_the_kernel_stops_every_worker(ip, store_dir, tiny, monkeypatch):
     ip.user_ns["rows"] = llm_task.rows(30)
     real_step = TextDisplay.step

@@ -70,6 +70,7 @@ def test_known_covariates_lower_the_holdout_error_as_autogluon_directly(sales, c
     assert used["SeasonalNaive"] == "none" and "known, static" in {used.get("DirectTabular"), used.get("RecursiveTabular")}
 
 
+@pytest.mark.slow
 def test_predict_over_planned_rows_gives_each_row_its_forecast_and_quantiles(sales):
     store, rows = sales
     plan = sales_task.plan(rows, HORIZON)
@@ -97,6 +98,7 @@ def test_predict_over_planned_rows_gives_each_row_its_forecast_and_quantiles(sal
     (lambda plan: plan.assign(week=plan["week"] + pd.Timedelta(weeks=HORIZON)), "is not one of the next 8 steps"),
     (lambda plan: plan.assign(store="s99"), "store 's99': not among the series"),
 ])
+@pytest.mark.slow
 def test_a_bad_plan_is_one_line(sales, change, message):
     store, rows = sales
     before = snapshot(store)
@@ -105,6 +107,7 @@ def test_a_bad_plan_is_one_line(sales, change, message):
     assert "\n" not in str(error.value) and snapshot(store) == before
 
 
+@pytest.mark.slow
 def test_a_model_with_known_covariates_asks_for_the_plan(sales):
     store, rows = sales
     for call in (lambda: nbcustom.forecast("with", store=store), lambda: nbcustom.predict("with", rows, store=store)):
@@ -112,6 +115,7 @@ def test_a_model_with_known_covariates_asks_for_the_plan(sales):
             call()
 
 
+@pytest.mark.slow
 def test_drift_covers_the_covariates(sales):
     store, rows = sales
     later = sales_task.rows(seed=5)
@@ -121,6 +125,7 @@ def test_drift_covers_the_covariates(sales):
     assert {"units", "promo", "price"} <= columns
 
 
+@pytest.mark.slow
 def test_the_export_carries_the_covariates_and_its_example_forecasts(sales, tmp_path):
     store, _ = sales
     lines = nbcustom.export("with", store=store, format="deployment", to=str(tmp_path / "deploy"))

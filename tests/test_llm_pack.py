@@ -98,6 +98,7 @@ def test_packed_examples_do_not_attend_across_each_other():
     assert torch.allclose(together[0, n:n + len(first.ids)], first_alone[0, : len(first.ids)], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("capacity", [64, 512])  # several rows / one row
 def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
     import torch

@@ -5,6 +5,8 @@ restored; ``%%predict`` and ``%%rag --ask`` in the same kernel work afterwards."
 
 from __future__ import annotations
 
+import pytest
+
 from notebooks import outputs_of, run_notebook
 
 ONEDNN = "mkldnn_reorder_linear_weight: bf16 path needs the cpu support avx_ne_convert or avx512bw, avx512vl and avx512dq"
@@ -29,6 +31,7 @@ CELLS = [
 ]
 
 
+@pytest.mark.slow
 def test_a_bad_bf16_cell_leaves_predict_and_ask_working(tmp_path):
     from pathlib import Path
 

@@ -77,6 +77,7 @@ def test_auto_picks_the_method_from_the_columns_and_says_why(options, columns, m
 # --- DPO and KTO from the base model: the acceptance runs ------------------------------------
 
 
+@pytest.mark.slow
 def test_dpo_from_the_base_model_follows_the_house_rules(dpo):
     dpo, _ = dpo
     after, before = dpo.manifest["metrics"]["after"], dpo.manifest["metrics"]["before"]
@@ -94,6 +95,7 @@ def test_dpo_from_the_base_model_follows_the_house_rules(dpo):
     assert llm["best_eval_loss"] == min(loss for _, loss in llm["evaluations"])
 
 
+@pytest.mark.slow
 def test_kto_from_the_base_model_follows_the_house_rules(kto):
     kto, _ = kto
     after = kto.manifest["metrics"]["after"]
@@ -104,6 +106,7 @@ def test_kto_from_the_base_model_follows_the_house_rules(kto):
     assert kto.manifest["llm"]["method"] == "kto"
 
 
+@pytest.mark.slow
 def test_the_summary_says_which_method_why_and_shows_a_marked_training_example(dpo, kto):
     _, text = dpo
     assert "task: dpo (the rows have 'chosen' and 'rejected' columns)" in text

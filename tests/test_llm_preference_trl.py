@@ -35,6 +35,7 @@ def _sequence(row: int, prompt: list[int], completion: list[int]) -> Example:
     return Example(row, "", "", None, ids=prompt + completion, labels=[llm_pack.IGNORE] * len(prompt) + completion, prompt_length=len(prompt))
 
 
+@pytest.mark.slow
 def test_dpo_loss_equals_trls_dpo_trainer_on_a_fixed_batch(tmp_path):
     import torch
     from datasets import Dataset

@@ -99,7 +99,11 @@ def test_a_build_chunks_embeds_and_writes_a_slice_of_rows_at_a_time(tmp_path, mo
     sliced = nbcustom.rag("sliced", rows, store=tmp_path / "store", ui="none")
     assert len(written) == -(-len(rows) // 3) and sum(written) == sliced.manifest["counts"]["chunks"] == whole.manifest["counts"]["chunks"]
     a, b = (rag_store.open({"folder": v.path, "file": "model/index.duckdb"}) for v in (whole, sliced))
-    assert a.chunk_ids == b.chunk_ids and np.abs(a.matrix - b.matrix).max() < 1e-5
+    assert a.chunk_ids == b.chunk_ids
+    if whole.manifest["index"]["embed_precision"] == "fp32":
+        assert np.abs(a.matrix - b.matrix).max() < 1e-5
+    else:  # bf16 (a CPU with native bf16): other batches, other padding, bf16 rounding
+        assert (a.matrix * b.matrix).sum(1).min() > 1 - 1e-4
 
 
 def test_vector_search_ranks_like_a_plain_matrix_product(tmp_path):

@@ -25,6 +25,7 @@ from handbook import documents_frame
 from notebooks import run_notebook
 
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.slow  # one module fixture trains three versions and builds an index
 KEY = "test-key-5d41402abc4b2a76"
 TICKET = "Hi, my parcel is a problem today."
 PRODUCT = "Meet Birch: a blue mug, yours for 7 dollars."

@@ -84,6 +84,7 @@ def test_every_api_function_uses_the_kernels_settings(ip, store_dir, tmp_path, m
     assert Store(other).active_version("houses") == 1 and Store(store_dir).active_version("houses") == 1
 
 
+@pytest.mark.slow
 def test_outside_a_kernel_the_environment_applies(tmp_path):
     code = (
         "import nbcustom.api as api; print(api.default_store(), api.default_ui())\n"

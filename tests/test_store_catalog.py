@@ -203,6 +203,7 @@ print(reads)
 """
 
 
+@pytest.mark.slow
 def test_two_kernels_and_the_cron_command_commit_while_a_reader_reads(store_dir, tmp_path):
     """Issue 27.5: two processes committing through the API as kernels do and ``nbcustom
     jobs run`` (cron) running a job 20 times, all on one RAG index, while a reader loads

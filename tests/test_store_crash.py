@@ -91,6 +91,7 @@ def _assert_no_orphan_no_leftover(store: Store) -> None:
     assert store.check() == []
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path):
     root = tmp_path / "store"
     rng = random.Random(20261202)

@@ -54,6 +54,7 @@ def test_retrain_is_an_mlflow_run_with_params_metrics_curve_and_artifacts(tracke
     assert (store_dir.parent / "mlruns" / "mlflow.db").exists()  # the local store beside nbcustom_store
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_keeps_the_version_and_warns_once(tracked, store_dir, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
     tracked.user_ns["facts"] = facts_frame()

@@ -85,6 +85,7 @@ CELLS = [
 ]
 
 
+@pytest.mark.slow
 def test_out_of_memory_and_sigkill_cost_one_line_and_nothing_else(tmp_path):
     nb = run_notebook(CELLS, tmp_path / "store", ui="text", cwd=tmp_path)
     errors = {i: o for i, cell in enumerate(nb.cells) for o in cell.outputs if o.output_type == "error"}
@@ -119,6 +120,7 @@ def tiny(tmp_path_factory):
     return llm_task.tiny_base(tmp_path_factory.mktemp("tiny") / "base")
 
 
+@pytest.mark.slow
 def test_a_run_in_a_worker_commits_the_same_version_as_one_in_the_kernel(tiny, tmp_path, monkeypatch):
     import nbcustom
 
@@ -132,6 +134,7 @@ def test_a_run_in_a_worker_commits_the_same_version_as_one_in_the_kernel(tiny, t
     assert (there.model_dir / "adapter_model.safetensors").read_bytes() == (here.model_dir / "adapter_model.safetensors").read_bytes()
 
 
+@pytest.mark.slow
 def test_an_error_in_the_worker_is_the_same_one_line(worker_on, tiny, tmp_path):
     import nbcustom
     from nbcustom.errors import NbCustomError
@@ -141,6 +144,7 @@ def test_an_error_in_the_worker_is_the_same_one_line(worker_on, tiny, tmp_path):
     assert not (tmp_path / "store").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_worker_and_leaves_nothing(worker_on, tiny, tmp_path):
     """SIGINT to this process, as Jupyter's interrupt sends it to the kernel, mid-training."""
     import nbcustom
