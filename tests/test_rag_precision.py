@@ -36,7 +36,7 @@ def _build(store, monkeypatch, cpu=None):
 def test_on_a_bf16_cpu_documents_are_embedded_in_bf16_within_1e_3_cosine(tmp_path, monkeypatch):
     embed_model = rag_models.embedder(None)
     texts = _texts()
-    fast, plain = rag_index.embed(embed_model, texts, precision="bf16"), rag_index.embed(embed_model, texts)
+    fast, plain = rag_index.embed(embed_model, texts, run_on=precision.choose("cpu", "bf16")), rag_index.embed(embed_model, texts)
     assert fast.dtype == np.float32 and not np.array_equal(fast, plain)  # bf16 arithmetic did run
     assert np.max(1 - (fast * plain).sum(1)) < 1e-3
     version, text = _build(tmp_path / "store", monkeypatch)
@@ -46,9 +46,9 @@ def test_on_a_bf16_cpu_documents_are_embedded_in_bf16_within_1e_3_cosine(tmp_pat
 
 def test_without_native_bf16_documents_are_embedded_in_float32_as_the_plain_model(tmp_path, monkeypatch):
     version, text = _build(tmp_path / "store", monkeypatch, AVX2)
-    assert "embedded in fp32 (this CPU (AVX2) has no native bf16)" in text and version.manifest["index"]["embed_precision"] == "fp32"
-    assert rag_models.documents_precision() == ("fp32", "this CPU (AVX2) has no native bf16")
+    assert "embedded in fp32 (this CPU (AVX2) has no native bf16 (no amx_bf16 or avx512_bf16))" in text
+    assert version.manifest["index"]["embed_precision"] == "fp32"
     embed_model = rag_models.embedder(None)
     texts = _texts()[:8]
     plain = embed_model._model.encode(texts, normalize_embeddings=True)
-    assert np.max(np.abs(rag_index.embed(embed_model, texts) - plain)) < 1e-6
+    assert np.max(np.abs(rag_index.embed(embed_model, texts, run_on=precision.choose("cpu")) - plain)) < 1e-6

@@ -9,6 +9,7 @@ refresh embeds only rows whose content hash changed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -17,6 +18,7 @@ from typing import Any, Iterator, Sequence
 from ...errors import NbCustomError
 from ...specs import RagSpec
 from .. import Outcome
+from ..llm import precision as llm_precision
 from . import answers as rag_answers, faithfulness as rag_faithfulness, models as rag_models, search as rag_search, stores
 from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in this process)
 
@@ -166,14 +168,16 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         raise NbCustomError("--append needs the same --embed, --chunk-size, --chunk-overlap and --vector-store as the previous version")
 
     display.phase("embedding")
-    precision, why = rag_models.documents_precision()
+    # bf16 autocast where the CPU multiplies bf16 natively (twice as fast, vectors within 1e-4
+    # cosine of float32's: tests/benchmarks/RESULTS.md), else float32; questions stay float32
+    run_on = llm_precision.choose("cpu")
     todo = frame[frame["row_id"].isin(set(to_embed))]
     before_calls = EMBED_CALLS["documents"]
     for start in range(0, len(todo), BUILD_SLICE):  # chunk, embed and write a slice of rows at a time
         part = todo.iloc[start : start + BUILD_SLICE]
         chunks = split(part, spec, embed_model)
         share = len(part) / max(1, len(chunks))
-        vectors = embed(embed_model, [c["embed_text"] for c in chunks], lambda n: display.step(start + round(n * share), len(todo)), precision)
+        vectors = embed(embed_model, [c["embed_text"] for c in chunks], lambda n: display.step(start + round(n * share), len(todo)), run_on)
         writer.insert(chunks, vectors)
     display.phase("writing vectors")
     copied = writer.copy(copied_rows) if copied_rows else 0
@@ -192,7 +196,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         + (f", {len(kept)} kept (--append)" if kept else "")
     ]
     if to_embed:
-        notes.append(f"embedded in {precision} ({why})")
+        notes.append(f"embedded in {run_on.name} ({run_on.why})")
     if same_options and not reuse:
         notes.append(f"the vectors moved from v{previous.version}'s store to another: every row was embedded again")
     elif previous is not None and not reuse:
@@ -203,7 +207,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         train_rows = _with_kept(train_rows, previous, chosen["id_column"], kept)
     info = {
         "base": spec.llm or models.DEFAULT_LLM,
-        "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": entry, "embed_precision": precision},
+        "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": entry, "embed_precision": run_on.name},
     }
     import pandas as pd
 
@@ -278,9 +282,9 @@ class _TokenCache:
         return ids
 
 
-def embed(embed_model, texts: list[str], progress=None, precision: str = "fp32"):
-    """Embedding vectors of ``texts`` (in their order), a batch at a time, computed in
-    ``precision`` (``models.documents_precision``); ``progress(n)`` after each batch.
+def embed(embed_model, texts: list[str], progress=None, run_on=None):
+    """Embedding vectors of ``texts`` (in their order), a batch at a time, under ``run_on``'s
+    autocast (a ``precision.Precision``; None: float32); ``progress(n)`` after each batch.
 
     Texts are embedded longest first (by characters, as sentence-transformers sorts within
     one call), so each batch holds texts of similar length and little compute goes to padding;
@@ -290,7 +294,7 @@ def embed(embed_model, texts: list[str], progress=None, precision: str = "fp32")
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = []  # float32 batches: a batch's Python floats are dropped at once
     for start in range(0, len(texts), EMBED_BATCH):
-        with rag_models.quiet(), rag_models.computing(precision):
+        with rag_models.quiet(), run_on.autocast() if run_on else contextlib.nullcontext():
             out.append(np.asarray(embed_model.get_text_embedding_batch([texts[i] for i in order[start : start + EMBED_BATCH]]), dtype=np.float32))
         if progress:
             progress(min(start + EMBED_BATCH, len(texts)))

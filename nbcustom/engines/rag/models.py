@@ -32,27 +32,6 @@ def embedder(name: str | None, batch_size: int = 64):
     return _EMBEDDERS[path]
 
 
-def documents_precision() -> tuple[str, str]:
-    """(``bf16`` or ``fp32``, why): documents are embedded under bf16 autocast where the CPU
-    multiplies bf16 natively (AMX or AVX512-BF16: twice as fast, vectors within 1e-4 cosine of
-    float32's, tests/benchmarks/RESULTS.md); elsewhere bf16 would be emulated, slower."""
-    from ..llm.precision import cpu_features
-
-    cpu = cpu_features()
-    if cpu.native_bf16:
-        return "bf16", f"this CPU has {' and '.join(cpu.native_bf16)}"
-    return "fp32", f"this CPU ({cpu.capability}) has no native bf16"
-
-
-def computing(precision: str):
-    """The context documents are embedded in for ``precision`` (``documents_precision``)."""
-    import contextlib
-
-    import torch
-
-    return torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-
-
 def dimension(embed_model) -> int:
     """The length of the embedding model's vectors, without embedding anything."""
     model = embed_model._model
