@@ -37,8 +37,16 @@ demo: install
 	@echo "HTML export:       $(abspath $(OUT))/quickstart.html"
 	@echo "artifact store:    $(abspath $(OUT))/nbcustom_store"
 
+# Two test processes on a 2-core machine (pytest-xdist), a test file each at a time: much of
+# a test's time runs on one core (kernels starting, imports, subprocesses, AutoGluon's
+# search); each process gets its share of the threads (tests/conftest.py), a file's trained
+# fixtures stay in one process. Tests that time things or compare AutoGluon's time-limited
+# fits (marked serial) run after, alone on the machine.
+TEST_PROCESSES ?= 2
+
 test: install-dev
-	$(PY) -m pytest -ra --durations=15 tests
+	$(PY) -m pytest -ra --durations=15 -n $(TEST_PROCESSES) --dist loadfile -m "not serial" tests
+	$(PY) -m pytest -ra --durations=5 -m serial tests
 
 test-quick: install-dev
 	$(PY) -m pytest -ra -m "not slow" tests

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,29 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # patch engines and read their counters. Notebook kernels (notebooks.run_notebook, the
 # examples) train in worker processes, the default; tests/test_worker.py tests the worker.
 os.environ["NBCUSTOM_WORKER"] = "off"
+# Under pytest-xdist (`make test` runs two test processes), each process and every kernel,
+# worker and subprocess it starts gets its share of the cores: OpenMP's threads of two
+# processes that each take every core spin against each other and are slower than one.
+THREADS = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[_var] = str(THREADS)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist, the files holding slow tests first: the two processes take files in
+    this order, and a long file taken last would leave the other process idle."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        slow = {item.path for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: item.path not in slow)  # stable: a file's tests keep their order
+
+
+@pytest.fixture(autouse=True)
+def _thread_share():
+    """Each test starts with its process's share of threads: AutoGluon's fits set torch's
+    thread count to every core and leave it there."""
+    if os.environ.get("PYTEST_XDIST_WORKER_COUNT") and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(THREADS)
 
 
 class TestingShell(InteractiveShell):

@@ -16,6 +16,9 @@ from nbcustom.store import Store
 
 from conftest import snapshot
 
+# AutoGluon's time-limited fits, and a finetune timed against a retrain: alone, after the rest (`make test`)
+pytestmark = pytest.mark.serial
+
 TIME_LIMIT = 12
 
 

@@ -9,6 +9,7 @@ import pytest
 HEAVY = ("torch", "transformers", "autogluon", "peft", "llama_index", "mlflow")
 
 
+@pytest.mark.serial  # a time limit: alone, after the rest (`make test`)
 def test_load_ext_imports_nothing_heavy_and_is_fast():
     code = """
 import json, sys, time

@@ -18,6 +18,9 @@ from nbcustom.store import Store
 import sales_task
 from conftest import snapshot
 
+# AutoGluon's time-limited fits compared with each other: alone, after the rest (`make test`)
+pytestmark = pytest.mark.serial
+
 HORIZON, TIME_LIMIT, PRESETS = 8, 60, "medium_quality"
 SHAPE = dict(target="units", timestamp="week", item_id="store", horizon=HORIZON, time_limit=TIME_LIMIT, presets=PRESETS, ui="none")
 
