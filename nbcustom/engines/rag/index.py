@@ -340,6 +340,7 @@ class RagIndex:
         self.vectors = stores.open(version)
         self._index = None
         self._keywords = None
+        self._embed_model = None
 
     def __repr__(self) -> str:
         return f"RagIndex({self.version.name}@{self.version.version}, {len(self.vectors)} chunks)"
@@ -348,7 +349,9 @@ class RagIndex:
     def embed_model(self):
         from ... import models
 
-        return rag_models.embedder(models.resolve_embedding(self.options.get("embed")), EMBED_BATCH)
+        if self._embed_model is None:  # resolved once: a lookup of the package costs as much as a search
+            self._embed_model = rag_models.embedder(models.resolve_embedding(self.options.get("embed")), EMBED_BATCH)
+        return self._embed_model
 
     def llm(self, max_new_tokens: int | None = None, model: str | None = None):
         llm = rag_models.answerer(model or self.options.get("llm"), max_new_tokens or self.max_new_tokens)
@@ -380,8 +383,7 @@ class RagIndex:
         among = rag_search.where(self.vectors, where, self.info.get("metadata_columns", [])) if where else None
         embed_model = self.embed_model()
         keywords = self.keywords() if mode != "vector" else None
-        with rag_models.quiet():
-            queries = embed_model.query_embeddings(list(questions))
+        queries = embed_model.query_embeddings(list(questions))
         out = []
         for question, query in zip(questions, queries):
             hits = rag_search.rank(self.vectors, keywords, query, question, top_k or self.top_k, mode, among)

@@ -49,9 +49,20 @@ def _embedding_class() -> type:
                 return super()._get_query_embedding(query)
 
             def query_embeddings(self, queries: list[str]) -> list[list[float]]:
-                """Several queries in one batch (llama-index embeds queries one at a time)."""
+                """Several queries in one batch (llama-index embeds queries one at a time). Once
+                ONNX Runtime runs the model nothing can print, so only the first call and the
+                PyTorch path are kept quiet (``quiet`` costs 3 ms: each logger level it sets
+                clears every logger's cache)."""
+                from . import onnx
+
                 EMBED_CALLS["queries"] += len(queries)
-                return self._embed(list(queries), prompt_name="query") if queries else []
+                if not queries:
+                    return []
+                fast = onnx.made(self.model_name)
+                if fast is not None:
+                    return fast.embed(list(queries), self.embed_batch_size, self.normalize)
+                with quiet():
+                    return self._embed(list(queries), prompt_name="query")
 
             def _embed(self, inputs, prompt_name=None) -> list[list[float]]:
                 """Questions in ONNX Runtime where it applies (``onnx.py``: the same vectors, in

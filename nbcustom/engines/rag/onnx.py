@@ -34,6 +34,11 @@ def runner(st_model, path: str) -> "Runner | None":
     return _RUNNERS[path]
 
 
+def made(path: str) -> "Runner | None":
+    """The runner of the model at ``path`` if ``runner`` made one already."""
+    return _RUNNERS.get(path)
+
+
 def _applies(st_model) -> bool:
     try:
         import onnx  # noqa: F401

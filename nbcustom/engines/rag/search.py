@@ -64,9 +64,17 @@ def keyword_ranking(scores, k: int, among=None) -> list[tuple[int, float]]:
     BM25 ``scores`` of every chunk."""
     import numpy as np
 
-    positions = np.arange(len(scores)) if among is None else np.asarray(among, dtype=np.int64)
-    found = positions[scores[positions] > 0]
-    best = found[np.argsort(-scores[found], kind="stable")][:k]
+    if among is None:
+        found = np.flatnonzero(scores > 0)
+    else:
+        among = np.asarray(among, dtype=np.int64)
+        found = among[scores[among] > 0]
+    if len(found) > k:  # a long question matches most chunks: keep the k best before sorting
+        values = scores[found]
+        kth = np.partition(values, len(values) - k)[len(values) - k]
+        tied = values == kth
+        found = found[(values > kth) | (tied & (np.cumsum(tied) <= k - int((values > kth).sum())))]  # the first of the tied, as a stable sort
+    best = found[np.argsort(-scores[found], kind="stable")]
     return [(int(i), float(scores[i])) for i in best]
 
 
