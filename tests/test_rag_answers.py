@@ -45,6 +45,23 @@ def test_hybrid_puts_the_only_document_with_a_code_first_where_vector_does_not(h
     assert first["score"] == pytest.approx(1 / (rag_search.RRF_K + 1) + 1 / (rag_search.RRF_K + by_rank[2]), abs=1e-4)
 
 
+
+def test_keyword_ranking_keeps_the_k_best_in_order_and_breaks_ties_by_position():
+    """The partial sort (a long question matches most chunks) returns what a full stable sort would."""
+    import numpy as np
+
+    scores = np.array([0, 3, 1, 3, 0, 2, 3, 1, 2], dtype=np.float32)
+    assert rag_search.keyword_ranking(scores, 2) == [(1, 3.0), (3, 3.0)]
+    assert rag_search.keyword_ranking(scores, 4) == [(1, 3.0), (3, 3.0), (6, 3.0), (5, 2.0)]
+    assert rag_search.keyword_ranking(scores, 20) == [(1, 3.0), (3, 3.0), (6, 3.0), (5, 2.0), (8, 2.0), (2, 1.0), (7, 1.0)]  # no zero
+    assert rag_search.keyword_ranking(scores, 2, among=[8, 0, 6, 5, 2]) == [(6, 3.0), (8, 2.0)]
+    assert rag_search.keyword_ranking(scores, 1, among=[8, 5]) == [(8, 2.0)]  # ties: the order of ``among``
+    rng = np.random.default_rng(0)
+    many = rng.integers(0, 6, 5000).astype(np.float32)
+    full = np.flatnonzero(many > 0)
+    full = full[np.argsort(-many[full], kind="stable")][:50]
+    assert [p for p, _ in rag_search.keyword_ranking(many, 50)] == full.tolist()
+
 def test_retrieve_ranks_chunks_and_generates_nothing(ip, handbook, monkeypatch):
     """``nbcustom.retrieve`` and ``%%rag NAME --retrieve``: one row per question and rank, the
     same sources ``ask`` would give the model, and no model loaded."""
