@@ -44,6 +44,11 @@ def unit(vectors):
     return vectors / np.where(norms == 0, 1, norms)
 
 
+def _matrix(embedding):
+    """An Arrow FixedSizeList column of vectors as one float32 matrix of unit rows."""
+    return unit(embedding.flatten().to_numpy(zero_copy_only=False).reshape(len(embedding), embedding.type.list_size))
+
+
 def _batches(con, where: str = "true"):
     """(keys, unit vectors) of the chunks matching ``where``, BATCH at a time."""
     import numpy as np
@@ -51,9 +56,7 @@ def _batches(con, where: str = "true"):
     reader = con.sql(f"SELECT key, embedding FROM chunks WHERE {where}").to_arrow_reader(BATCH)
     for batch in reader:
         if batch.num_rows:
-            embedding = batch.column(1)
-            matrix = embedding.flatten().to_numpy(zero_copy_only=False).reshape(batch.num_rows, embedding.type.list_size)
-            yield batch.column(0).to_numpy().astype(np.int64), unit(matrix)
+            yield batch.column(0).to_numpy().astype(np.int64), _matrix(batch.column(1))
 
 
 def write(con, folder: Path, total: int, previous: dict | None, first_new_key: int) -> dict | None:
@@ -83,13 +86,13 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
 
 def _trained(con, total: int):
     import faiss
-    import numpy as np
 
     n_lists = lists(total)
-    sample = con.execute(f"SELECT embedding FROM chunks USING SAMPLE {min(total, TRAIN_PER_LIST * n_lists)} ROWS").fetchnumpy()["embedding"]
-    dim = len(sample[0])
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, n_lists, faiss.METRIC_INNER_PRODUCT)
-    index.train(unit(np.stack(sample)))
+    # one float32 matrix from Arrow, not an array per vector stacked into another
+    reader = con.sql(f"SELECT embedding FROM chunks USING SAMPLE {min(total, TRAIN_PER_LIST * n_lists)} ROWS").to_arrow_reader(BATCH)
+    sample = _matrix(reader.read_all().column(0).combine_chunks())
+    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], n_lists, faiss.METRIC_INNER_PRODUCT)
+    index.train(sample)
     return index
 
 
