@@ -138,3 +138,23 @@ def test_a_refresh_of_a_version_made_before_keys_existed_gives_every_chunk_its_o
     assert (copied, total) == (30, 40)
     with duckdb.connect(str(v2.path / "model" / "index.duckdb"), read_only=True) as con:
         assert sorted(k for (k,) in con.execute("SELECT key FROM chunks").fetchall()) == list(range(40))
+
+
+def test_the_index_trains_within_the_writers_memory_limit(tmp_path, monkeypatch):
+    """The training sample is larger than the writer's DuckDB may hold, so it must stream
+    (a reservoir sample of it ran out of memory at 100,000 real rows)."""
+    from nbcustom.engines.rag.stores import duckdb as duckdb_store
+
+    monkeypatch.setattr(ann, "MIN_CHUNKS", 2_000)
+    monkeypatch.setattr(duckdb_store, "WRITE_MEMORY", "16MB")
+    monkeypatch.setattr(ann, "BATCH", 1_000)  # 1.5 MB read at a time, as 20,000 are against the real 128 MB
+    monkeypatch.setattr(ann, "TRAIN_PER_LIST", 20)  # a sample of about half the chunks
+    n, dim = 20_000, 384  # 31 MB of vectors
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    (tmp_path / "v1" / "model").mkdir(parents=True)
+    writer = stores.create("duckdb", None, "t", tmp_path / "v1" / "model", dim)
+    for start in range(0, n, 1_000):  # as a build writes them: a slice at a time
+        writer.insert([chunk(i) for i in range(start, start + 1_000)], vectors[start : start + 1_000])
+    entry, total = writer.finish()
+    assert total == n and entry["ann"]["lists"] == ann.lists(n) and entry["ann"]["trained_on"] == n

@@ -73,8 +73,11 @@ def peak_memory(sizes: list[int]) -> None:
     import subprocess
 
     for rows in sizes:
-        out = subprocess.run([sys.executable, "-c", MEMORY.format(bench=str(Path(__file__).resolve().parent), rows=rows)],
-                             capture_output=True, text=True, check=True, env={**os.environ, "NBCUSTOM_WORKER": "off"}).stdout.split()
+        done = subprocess.run([sys.executable, "-c", MEMORY.format(bench=str(Path(__file__).resolve().parent), rows=rows)],
+                              capture_output=True, text=True, env={**os.environ, "NBCUSTOM_WORKER": "off"})
+        if done.returncode:
+            sys.exit(f"build of {rows:,} rows failed:\n{done.stderr[-3000:]}")
+        out = done.stdout.split()
         warm, peak, seconds = int(out[-3]) / 1024, int(out[-2]) / 1024, float(out[-1])
         print(f"build of {rows:>7,} rows: {seconds:6.1f} s ({rows / seconds:5.0f} rows/s), peak {peak:6.0f} MB, "
               f"{peak - warm:5.0f} MB over the warmed-up process (the vectors alone: {rows * 384 * 4 / 2**20:4.0f} MB)")

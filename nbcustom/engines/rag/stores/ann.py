@@ -21,7 +21,7 @@ FILE = "index.faiss"
 MIN_CHUNKS = 20_000
 RETRAIN = 4
 TRAIN_PER_LIST = 64  # training vectors per cell (faiss asks for at least 39)
-BATCH = 50_000  # vectors read from DuckDB at a time
+BATCH = 20_000  # vectors read from DuckDB at a time (31 MB of 384-dim: well inside the writer's memory limit)
 
 
 def lists(n: int) -> int:
@@ -86,11 +86,15 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
 
 def _trained(con, total: int):
     import faiss
+    import numpy as np
 
     n_lists = lists(total)
-    # one float32 matrix from Arrow, not an array per vector stacked into another
-    reader = con.sql(f"SELECT embedding FROM chunks USING SAMPLE {min(total, TRAIN_PER_LIST * n_lists)} ROWS").to_arrow_reader(BATCH)
-    sample = _matrix(reader.read_all().column(0).combine_chunks())
+    share = TRAIN_PER_LIST * n_lists / total
+    # A Bernoulli sample streams through DuckDB; a reservoir of a fixed size would be held in
+    # the writer's memory, over its limit at 100,000 chunks
+    sampled = f" USING SAMPLE {100 * share:.6f} PERCENT (bernoulli, 7)" if share < 1 else ""
+    reader = con.sql(f"SELECT embedding FROM chunks{sampled}").to_arrow_reader(BATCH)
+    sample = np.concatenate([_matrix(batch.column(0)) for batch in reader if batch.num_rows])
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], n_lists, faiss.METRIC_INNER_PRODUCT)
     index.train(sample)
     return index
