@@ -11,6 +11,7 @@ import datetime as _dt
 import functools
 import os
 import shutil
+import time
 import uuid
 from importlib import metadata
 from typing import Any, Mapping
@@ -29,6 +30,10 @@ LIBRARIES = {
     "automl": ("autogluon.tabular", "autogluon.timeseries"),
     "rag": ("llama-index-core", "sentence-transformers", "transformers", "torch"),
 }
+
+
+STREAM_ROWS = 256  # rows an LLM or a RAG index predicts at a time for --into
+KEEP, PREVIEW = 10_000, 10  # %%predict --into returns the rows it wrote up to KEEP of them, else the first PREVIEW
 
 
 def default_store() -> str:
@@ -56,7 +61,7 @@ def rows_of(data: Any, namespace: Mapping[str, Any] | None = None, con=None, par
     namespace = namespace if namespace is not None else settings.namespace()
     frame = _data.to_pandas(data, namespace=namespace, con=con, params=params)
     if frame.empty:
-        raise NbCustomError("the query returned no rows: check its WHERE clause and the table's contents")
+        raise NbCustomError(_data.NO_ROWS)
     return frame
 
 
@@ -218,28 +223,44 @@ def rag_eval(name: str, data: Any, *, namespace=None, con=None, store=None, ui=N
 
 
 def predict(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, **options):
-    """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``."""
+    """The rows of ``data`` with the model's output appended, as a ``pandas.DataFrame``.
+
+    With ``into``, the result goes to that DuckDB table as it is made: an LLM or a RAG index
+    predicts ``STREAM_ROWS`` rows at a time, read from the query in Arrow batches, and the
+    table replaces any old one only once every row is in. The rows are returned when they
+    are at most ``KEEP``, else the first ``PREVIEW`` (``attrs``: ``rows``, ``into``)."""
     spec = PredictSpec.from_options(**options)
     blank = isinstance(data, str) and not data.strip()  # a forecaster without a query: the steps after its own rows
-    rows = None if blank else rows_of(data, namespace, con)
+    rows = None if blank or spec.into else rows_of(data, namespace, con)
     store = _store(store)
     current = store.get(known(store, name), spec.version)
     if current.kind != "rag" and (spec.where or spec.search or spec.answers):
         raise NbCustomError(f"--where, --search and --answers are for RAG indexes; {name} is a {current.kind} model: leave them out")
     model = engine(current.kind).load(current)
+    chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where),
+              ("answers", spec.answers))
+    kwargs = {k: v for k, v in chosen if v}
     if blank and hasattr(model, "forecast"):
-        result = model.forecast()
+        parts = [(model.forecast(), None)]
+    elif spec.into and getattr(model, "rowwise", False):
+        parts = ((model.predict(part, **kwargs), total) for part, total in _data.batches(data, STREAM_ROWS, namespace, con))
     else:
-        chosen = (("max_new_tokens", spec.max_new_tokens), ("top_k", spec.top_k), ("search", spec.search), ("where", spec.where),
-                  ("answers", spec.answers))
-        result = model.predict(rows if rows is not None else rows_of(data, namespace, con), **{k: v for k, v in chosen if v})
-    if spec.into:
-        target = con if con is not None else _data.default_session().con
-        target.register("__nbcustom_predictions", result)
-        try:
-            target.execute(f'CREATE OR REPLACE TABLE "{spec.into}" AS SELECT * FROM __nbcustom_predictions')
-        finally:
-            target.unregister("__nbcustom_predictions")
+        rows = rows if rows is not None else rows_of(data, namespace, con)
+        parts = [(model.predict(rows, **kwargs), len(rows))]
+    if not spec.into:
+        return parts[0][0]
+    target = con if con is not None else _data.default_session().con
+    display = make_display(ui or default_ui(), f"%%predict {name} --into {spec.into}")
+    try:
+        display.phase("predicting")
+        result, written = _data.write_parts(target, spec.into, parts, KEEP, PREVIEW, lambda done, total: display.step(done, total))
+    except BaseException as e:
+        display.fail(e)
+        raise
+    seconds = time.monotonic() - display.started
+    display.finish(Summary(f"%%predict {name} --into {spec.into}", facts={
+        "rows": written, "table": spec.into, "seconds": round(seconds, 1), "rows/s": round(written / max(seconds, 1e-9), 1)}))
+    result.attrs.update(rows=written, into=spec.into)
     return result
 
 

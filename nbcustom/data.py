@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import decimal
 import re
-from typing import Any, Mapping
+import uuid
+from typing import Any, Iterable, Iterator, Mapping
 
 from .errors import NbCustomError
 
 _VAR = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+NO_ROWS = "the query returned no rows: check its WHERE clause and the table's contents"
 _FRAME_TYPES = {
     ("pandas", "DataFrame"),
     ("polars", "DataFrame"),
@@ -106,6 +109,14 @@ class Session:
 
 def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Mapping[str, Any] | None = None):
     """Run ``sql`` on ``con`` with notebook tables registered; rows as a ``pyarrow.Table``."""
+    with _relation(con, sql, namespace, params) as relation:
+        return relation.to_arrow_table()
+
+
+@contextlib.contextmanager
+def _relation(con, sql: str, namespace: Mapping[str, Any] | None, params: Mapping[str, Any] | None):
+    """The one SELECT of ``sql`` as a DuckDB relation, notebook tables registered while it is
+    read; a DuckDB error, also one raised while reading, becomes one line."""
     import duckdb
 
     namespace = dict(namespace or {})
@@ -121,7 +132,7 @@ def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Map
             raise NbCustomError("the cell body must be one SELECT query (no CREATE/INSERT, no second statement)")
         for name in registered:
             con.register(name, namespace[name])
-        return con.sql(text).to_arrow_table()
+        yield con.sql(text)
     except duckdb.Error as e:
         raise NbCustomError(f"SQL error (check the cell's query): {_first_line(e)[:200]}") from None
     finally:
@@ -130,6 +141,64 @@ def query(con, sql: str, namespace: Mapping[str, Any] | None = None, params: Map
                 con.unregister(name)
             except duckdb.Error:
                 pass
+
+
+def batches(data, size: int, namespace=None, con=None, params=None) -> Iterator[tuple[Any, int]]:
+    """SQL text or a table-like value, read ``size`` rows at a time: (``pandas.DataFrame``,
+    the total row count) pairs. SQL is read from DuckDB in Arrow record batches, so the
+    whole result is never held at once; the first batch comes after the count."""
+    if not isinstance(data, str):
+        frame = to_pandas(data)
+        for start in range(0, len(frame), size):
+            yield frame.iloc[start : start + size].reset_index(drop=True), len(frame)
+        return
+    con = con if con is not None else default_session().con
+    with _relation(con, data, namespace, params) as relation:
+        total = relation.aggregate("count(*)").fetchall()[0][0]
+        if not total:
+            raise NbCustomError(NO_ROWS)
+        reader = relation.to_arrow_reader(size)
+        for batch in reader:
+            for start in range(0, batch.num_rows, size):
+                yield batch.slice(start, size).to_pandas(), total
+
+
+def write_parts(con, table: str, parts: Iterable[tuple[Any, int | None]], keep: int, preview: int, progress) -> tuple[Any, int]:
+    """Write each (``pandas.DataFrame``, total rows) of ``parts`` to the DuckDB ``table`` as
+    it comes; ``progress(rows so far, total)`` after each. The rows go to a staging table on
+    a second connection, which replaces ``table`` once the last part is in: a failure leaves
+    ``table`` as it was. Returns the rows written (only the first ``preview`` when there are
+    more than ``keep``) and their number."""
+    import duckdb
+    import pandas as pd
+
+    writer, staging = con.cursor(), f"__nbcustom_into_{uuid.uuid4().hex[:12]}"
+    kept, written = [], 0
+    try:
+        for part, total in parts:
+            writer.register("__nbcustom_part", part)
+            verb = f'INSERT INTO "{staging}" BY NAME' if written else f'CREATE TABLE "{staging}" AS'
+            writer.execute(f"{verb} SELECT * FROM __nbcustom_part")
+            writer.unregister("__nbcustom_part")
+            kept.append(part)
+            written += len(part)
+            if written > keep:
+                kept = [pd.concat(kept, ignore_index=True).head(preview)]
+            progress(written, total)
+        if not written:
+            raise NbCustomError(NO_ROWS)
+        writer.execute(f'BEGIN; DROP TABLE IF EXISTS "{table}"; ALTER TABLE "{staging}" RENAME TO "{table}"; COMMIT')
+    except BaseException as e:
+        with contextlib.suppress(duckdb.Error):
+            writer.execute("ROLLBACK")
+        with contextlib.suppress(duckdb.Error):
+            writer.execute(f'DROP TABLE IF EXISTS "{staging}"')
+        if isinstance(e, duckdb.Error):
+            raise NbCustomError(f"cannot write --into {table}: {_first_line(e)[:200]}") from None
+        raise
+    finally:
+        writer.close()
+    return pd.concat(kept, ignore_index=True), written
 
 
 def to_pandas(data, session: Session | None = None, namespace=None, con=None, params=None):

@@ -96,3 +96,41 @@ def test_empty_and_non_select_sql(ip):
         rows(ip, "  ;  ")
     with pytest.raises(NbCustomError, match="SELECT"):
         rows(ip, "CREATE OR REPLACE TABLE t_nothing (x INT)")
+
+
+def test_batches_read_a_query_a_slice_at_a_time_with_notebook_tables_and_the_total(ip):
+    ip.user_ns["numbers_df"] = pd.DataFrame({"n": range(1000)})
+    magics = next(c for c in ip.configurables if type(c).__name__ == "NbCustom")
+    context = magics._context({})
+    parts = list(data.batches("SELECT n FROM numbers_df WHERE n < {{limit}} ORDER BY n", 256, context["namespace"],
+                              context["con"], {"limit": 700}))
+    assert [len(p) for p, _ in parts] == [256, 256, 188] and {total for _, total in parts} == {700}
+    assert pd.concat([p for p, _ in parts])["n"].tolist() == list(range(700))
+    assert [len(p) for p, _ in data.batches(pd.DataFrame({"n": range(5)}), 2)] == [2, 2, 1]
+    with pytest.raises(NbCustomError, match="no rows"):
+        next(data.batches("SELECT * FROM numbers_df WHERE n < 0", 256, context["namespace"], context["con"]))
+    with pytest.raises(NbCustomError, match="SQL error"):
+        next(data.batches("SELECT missing FROM numbers_df", 256, context["namespace"], context["con"]))
+
+
+def test_write_parts_replaces_the_table_only_once_every_part_is_in():
+    con = duckdb.connect()
+    con.execute("CREATE TABLE scored AS SELECT 'old' AS prediction")
+
+    def parts(fail_at=None):
+        for i in range(3):
+            if i == fail_at:
+                raise KeyboardInterrupt  # Ctrl-C in the middle of a long %%predict --into
+            yield pd.DataFrame({"i": [2 * i, 2 * i + 1], "prediction": ["new", "new"]}), 6
+
+    seen = []
+    with pytest.raises(KeyboardInterrupt):
+        data.write_parts(con, "scored", parts(fail_at=2), 6, 3, lambda done, total: seen.append((done, total)))
+    assert con.execute("SELECT * FROM scored").fetchall() == [("old",)] and seen == [(2, 6), (4, 6)]
+    assert con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '__nbcustom%'").fetchone() == (0,)
+
+    kept, written = data.write_parts(con, "scored", parts(), 6, 3, lambda done, total: None)
+    assert written == 6 and kept["i"].tolist() == list(range(6))  # up to `keep` rows come back
+    assert data.write_parts(con, "scored", parts(), 5, 3, lambda done, total: None)[0]["i"].tolist() == [0, 1, 2]  # else `preview`
+    assert con.execute("SELECT i, prediction FROM scored ORDER BY i").fetchall() == [(i, "new") for i in range(6)]
+    assert con.execute("SELECT count(*) FROM information_schema.tables").fetchone() == (1,)

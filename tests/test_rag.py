@@ -153,6 +153,9 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
     assert shown.count("Q: ") == 2 and "QX-4471" in shown and "[1] 1 (" in shown  # answer and its source
     assert "faithfulness 1.00" in shown and "vector 0." in shown and "keyword " in shown  # hybrid: both parts beside the fused score
 
+    from nbcustom.engines.rag import index as rag_index
+
+    monkeypatch.setattr(rag_index, "EVAL_BATCH", 4)  # the questions answered, retrieved for and checked 4 at a time
     ip.run_cell_magic("rag", "facts --eval", "SELECT * FROM questions")
     version = Store(store_dir).get("facts")  # checksums verified after the eval rewrote the manifest
     before, after = version.manifest["metrics"]["before"], version.manifest["metrics"]["after"]
@@ -165,7 +168,7 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
     assert list(examples.columns) == [
         "question", "reference", "before", "after", "faithfulness", "flagged", "unsupported", "source_id", "retrieved", "hit", "rank",
     ]
-    assert len(examples) == len(QUESTIONS) and examples["hit"].mean() == after["hit_rate@3"]
+    assert examples["question"].tolist() == [q for q, *_ in QUESTIONS] and examples["hit"].mean() == after["hit_rate@3"]
     assert examples["faithfulness"].mean() == pytest.approx(after["faithfulness"])
 
     from llama_index.core import Settings
@@ -178,7 +181,9 @@ def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, st
 
 
 @pytest.mark.slow
-def test_predict_appends_answers_and_sources(ip, store_dir):
+def test_predict_appends_answers_and_sources_and_streams_many_rows_into_a_table(ip, store_dir, monkeypatch):
+    from nbcustom.engines.rag.index import RagIndex
+
     ip.user_ns["facts"] = facts_frame()
     ip.run_cell_magic("rag", "facts --top-k 2 --max-new-tokens 24", "SELECT * FROM facts")
     result = ip.run_cell_magic(
@@ -191,6 +196,34 @@ def test_predict_appends_answers_and_sources(ip, store_dir):
     assert set(result["sources"][0][0]) == {"id", "score", "vector_score", "keyword_score", "snippet", "metadata"}
     stored = nbcustom.connection().execute("SELECT prediction FROM answers").fetchall()
     assert stored == [(result["prediction"][0],)]
+
+    # 600 questions: predicted 256 rows at a time, each part written as it is made
+    con = nbcustom.connection()
+    con.execute("CREATE OR REPLACE TABLE many AS SELECT i, CASE WHEN i % 2 = 0 THEN 'Who is the chef of the Saffron Owl restaurant?' "
+                "ELSE 'What is the access code of the Vormund vault?' END AS question FROM range(600) t(i)")
+    sizes, real = [], RagIndex.predict
+
+    def counted(self, rows, **options):
+        sizes.append(len(rows))
+        if len(sizes) == fail_at:
+            raise KeyboardInterrupt  # Ctrl-C in the middle of the run
+        return real(self, rows, **options)
+
+    monkeypatch.setattr(RagIndex, "predict", counted)
+    monkeypatch.setattr(nbcustom.api, "KEEP", 500)  # more rows than that: only the first 10 come back
+    fail_at = None
+    shown = ip.run_cell_magic("predict", "facts --into answers --answers extractive", "SELECT * FROM many ORDER BY i")
+    assert sizes == [256, 256, 88] and shown.attrs["rows"] == 600 and shown["i"].tolist() == list(range(10))
+    stored = con.execute("SELECT i, prediction, sources[1].id FROM answers ORDER BY i").fetchall()
+    assert [i for i, _, _ in stored] == list(range(600))
+    assert all(("Kroll" in said and first == 16) if i % 2 == 0 else ("QX-4471" in said and first == 1) for i, said, first in stored)
+
+    sizes.clear()
+    fail_at = 2
+    with pytest.raises(KeyboardInterrupt):
+        ip.run_cell_magic("predict", "facts --into answers --answers extractive", "SELECT i, 'Who runs Quenville?' AS question FROM many")
+    assert con.execute("SELECT count(*), count(DISTINCT question) FROM answers").fetchone() == (600, 2)  # the old table, whole
+    assert con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name LIKE '__nbcustom%'").fetchone() == (0,)
 
 
 @pytest.mark.slow

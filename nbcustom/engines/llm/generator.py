@@ -23,6 +23,8 @@ class Generator:
     """A fine-tuned LLM version: ``generate(prompts)``, ``classify(prompts)`` (label
     models), ``predict(rows)``, ``merged()``."""
 
+    rowwise = True  # each row's prediction depends on that row alone: %%predict --into streams
+
     def __init__(self, version):
         self.version = version
         info = version.manifest.get("llm", {})

@@ -24,6 +24,7 @@ from .models import EMBED_CALLS  # noqa: F401  (re-exported: texts embedded in t
 
 SNIPPET = 200  # characters of a source shown with an answer
 EMBED_BATCH = 64
+EVAL_BATCH = 32  # --eval questions answered, retrieved for and checked together
 FLAGGED = 0.5  # --eval flags an answer when at most this share of its sentences is supported
 SPLIT_BATCH, SPLIT_CHARS = 1000, 1_000_000  # rows (or characters) tokenized together before splitting
 # Rows chunked, embedded and written at a time: the chunks and their vectors of one slice are
@@ -329,6 +330,8 @@ class RagIndex:
     for llama-index's own retrievers and query engines.
     """
 
+    rowwise = True  # each row's answer depends on that row alone: %%predict --into streams
+
     def __init__(self, version):
         self.version = version
         self.options = version.manifest.get("options", {})
@@ -502,16 +505,23 @@ class RagIndex:
         relevant = [_relevant(s) for s in rows["source_id"]] if "source_id" in rows.columns else [[]] * len(rows)
         total = len(questions)
 
-        display.phase("answering without retrieval")
-        before = self.answer(questions, None, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm)
-        display.phase("retrieving")
-        sources = self.retrieve(questions, k, mode, where)
-        display.phase("answering with retrieval")
-        after = self.answer(questions, sources, max_new_tokens, progress=lambda n: display.step(n, total), llm=llm, mode=answers)
-        checked = [rag_faithfulness.check(a, [s["text"] for s in found]) for a, found in zip(after, sources)]
+        # EVAL_BATCH questions at a time: answered alone, retrieved for, answered with their
+        # chunks and checked, so only one batch's chunks are held
+        before, after, faithful_before, checked, retrieved = [], [], [], [], []
+        display.phase("answering without and with retrieval")
+        for start in range(0, total, EVAL_BATCH):
+            batch = questions[start : start + EVAL_BATCH]
+            said = self.answer(batch, None, max_new_tokens, llm=llm)
+            sources = self.retrieve(batch, k, mode, where)
+            with_sources = self.answer(batch, sources, max_new_tokens, llm=llm, mode=answers)
+            before += said
+            after += with_sources
+            faithful_before += [_faithfulness(a, found) for a, found in zip(said, sources)]
+            checked += [rag_faithfulness.check(a, [s["text"] for s in found]) for a, found in zip(with_sources, sources)]
+            retrieved += [list(dict.fromkeys(str(s["id"]) for s in found)) for found in sources]
+            display.step(start + len(batch), total)
         faithful = [sum(ok for _, ok in c) / len(c) if c else None for c in checked]
 
-        retrieved = [list(dict.fromkeys(str(s["id"]) for s in found)) for found in sources]
         ranks = [next((n for n, r in enumerate(found, 1) if r in rel), None) if rel else None for rel, found in zip(relevant, retrieved)]
         scored = [i for i, rel in enumerate(relevant) if rel]
 
@@ -541,7 +551,7 @@ class RagIndex:
         )
         reader = "" if llm is None else f", reader {llm if isinstance(llm, str) else self.reader(llm)!r}"
         return Outcome(
-            before=side(before, [_faithfulness(a, found) for a, found in zip(before, sources)]), after=after_metrics, examples=examples,
+            before=side(before, faithful_before), after=after_metrics, examples=examples,
             before_label="LLM alone", after_label=f"with retrieval (top {k}, {mode})",
             notes=[f"{total} questions; retrieval metrics over the {len(scored)} with a source_id"
                    + (f"; only chunks where {where}" if where else "") + reader],
