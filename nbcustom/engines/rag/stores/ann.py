@@ -21,7 +21,10 @@ FILE = "index.faiss"
 MIN_CHUNKS = 20_000
 RETRAIN = 4
 TRAIN_PER_LIST = 64  # training vectors per cell (faiss asks for at least 39)
-BATCH = 20_000  # vectors read from DuckDB at a time (31 MB of 384-dim: well inside the writer's memory limit)
+BATCH = 5_000  # vectors read from DuckDB at a time (7.5 MB of 384-dim ones)
+# The writer's DuckDB memory while the index is made: the vectors stream through it a batch
+# at a time and nothing more is written, so its cache of table blocks can shrink
+READ_MEMORY = "32MB"
 
 
 def lists(n: int) -> int:
@@ -67,6 +70,7 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
 
     if total < MIN_CHUNKS:
         return None
+    con.execute(f"SET memory_limit = '{READ_MEMORY}'")
     old = (previous or {}).get("ann")
     if old and total <= RETRAIN * old["trained_on"]:
         index = faiss.read_index(str(Path(previous["folder"]) / old["file"]))
@@ -89,12 +93,20 @@ def _trained(con, total: int):
     import numpy as np
 
     n_lists = lists(total)
-    share = TRAIN_PER_LIST * n_lists / total
-    # A Bernoulli sample streams through DuckDB; a reservoir of a fixed size would be held in
-    # the writer's memory, over its limit at 100,000 chunks
-    sampled = f" USING SAMPLE {100 * share:.6f} PERCENT (bernoulli, 7)" if share < 1 else ""
-    reader = con.sql(f"SELECT embedding FROM chunks{sampled}").to_arrow_reader(BATCH)
-    sample = np.concatenate([_matrix(batch.column(0)) for batch in reader if batch.num_rows])
+    wanted = min(total, TRAIN_PER_LIST * n_lists)
+    # A Bernoulli sample streams through DuckDB (a reservoir of a fixed size would be held in
+    # the writer's memory, over its limit at 100,000 chunks), into one matrix with room for
+    # 10 % more rows than asked for; rows beyond it are left out
+    sampled = f" USING SAMPLE {100 * wanted / total:.6f} PERCENT (bernoulli, 7)" if wanted < total else ""
+    sample, filled = None, 0
+    for batch in con.sql(f"SELECT embedding FROM chunks{sampled}").to_arrow_reader(BATCH):
+        vectors = _matrix(batch.column(0))
+        if sample is None:
+            sample = np.empty((wanted + wanted // 10 + 1, vectors.shape[1]), dtype=np.float32)
+        taken = vectors[: len(sample) - filled]
+        sample[filled : filled + len(taken)] = taken
+        filled += len(taken)
+    sample = sample[:filled]
     index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], n_lists, faiss.METRIC_INNER_PRODUCT)
     index.train(sample)
     return index
