@@ -52,24 +52,3 @@ def test_without_native_bf16_documents_are_embedded_in_float32_as_the_plain_mode
     texts = _texts()[:8]
     plain = embed_model._model.encode(texts, normalize_embeddings=True)
     assert np.max(np.abs(rag_index.embed(embed_model, texts, run_on=precision.choose("cpu")) - plain)) < 1e-6
-
-
-def test_inferring_packs_the_linear_layers_for_onednn_only_where_it_can_and_undoes_it(monkeypatch):
-    import torch
-
-    model = rag_models.embedder(None)._model
-    linears = [layer for layer in model.modules() if type(layer) is torch.nn.Linear]
-    texts = _texts()[:4]
-    plain = model.encode(texts, normalize_embeddings=True)
-    bf16 = precision.Precision("cpu", "float32", "bfloat16", "test")
-    if precision.cpu_features().packs_bf16:
-        with pytest.raises(KeyboardInterrupt), bf16.inferring(model):
-            assert all("forward" in vars(layer) for layer in linears)  # one packed bf16 copy per layer
-            packed = model.encode(texts, normalize_embeddings=True)
-            assert np.max(1 - (packed * plain).sum(1)) < 1e-3 and not np.array_equal(packed, plain)
-            raise KeyboardInterrupt
-        assert not any("forward" in vars(layer) for layer in linears)  # undone, also on Ctrl-C
-    monkeypatch.setattr(precision, "cpu_features", lambda: AVX2)
-    with bf16.inferring(model):
-        assert not any("forward" in vars(layer) for layer in linears)  # autocast alone where oneDNN cannot pack
-    assert np.array_equal(model.encode(texts, normalize_embeddings=True), plain)

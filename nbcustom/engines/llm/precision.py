@@ -106,27 +106,6 @@ class Precision:
             undo.enter_context(self.autocast())
             yield model
 
-    @contextlib.contextmanager
-    def inferring(self, model):
-        """``model`` (any torch module) answering without gradients in this precision until
-        the block ends: autocast, and on a CPU that can pack bf16 for oneDNN
-        (``cpu_features().packs_bf16``) each linear layer's weight as one bf16 copy in oneDNN's
-        blocked layout, made once instead of reordered at every call (1.11x the embedding
-        model's forward under autocast: tests/benchmarks/RESULTS.md). Undone on every exit."""
-        import torch
-
-        with contextlib.ExitStack() as undo:
-            if self.device == "cpu" and self.compute == "bfloat16" and cpu_features().packs_bf16:
-                os.environ.setdefault(*ONEDNN_CACHE)
-                for layer in model.modules():
-                    if type(layer) is torch.nn.Linear:
-                        weight = torch.ops.mkldnn._reorder_linear_weight(layer.weight.detach().to(torch.bfloat16))
-                        bias = None if layer.bias is None else layer.bias.detach().to(torch.bfloat16)
-                        undo.callback(vars(layer).pop, "forward", None)
-                        layer.forward = functools.partial(_packed_linear, weight, bias)
-            undo.enter_context(self.autocast())
-            yield model
-
     def autocast(self):
         """Autocast to the compute dtype, where it differs from the weights' (else nothing)."""
         import torch
@@ -269,12 +248,6 @@ class _Adapted:
         out = outputs.pop(index)
         self.pending.outputs = (x, x._version, outputs) if outputs else None
         return out
-
-
-def _packed_linear(weight, bias, x):
-    import torch
-
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
 
 
 def _frozen(weight, dtype, packed: bool = True) -> tuple:

@@ -284,8 +284,8 @@ class _TokenCache:
 
 
 def embed(embed_model, texts: list[str], progress=None, run_on=None):
-    """Embedding vectors of ``texts`` (in their order), a batch at a time, computed as ``run_on``
-    says (a ``precision.Precision``: ``inferring``; None: float32); ``progress(n)`` after each batch.
+    """Embedding vectors of ``texts`` (in their order), a batch at a time, under ``run_on``'s
+    autocast (a ``precision.Precision``; None: float32); ``progress(n)`` after each batch.
 
     Texts are embedded longest first (by characters, as sentence-transformers sorts within
     one call), so each batch holds texts of similar length and little compute goes to padding;
@@ -294,11 +294,11 @@ def embed(embed_model, texts: list[str], progress=None, run_on=None):
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     out = []  # float32 batches: a batch's Python floats are dropped at once
-    with rag_models.quiet(), run_on.inferring(embed_model._model) if run_on else contextlib.nullcontext():
-        for start in range(0, len(texts), EMBED_BATCH):
+    for start in range(0, len(texts), EMBED_BATCH):
+        with rag_models.quiet(), run_on.autocast() if run_on else contextlib.nullcontext():
             out.append(np.asarray(embed_model.get_text_embedding_batch([texts[i] for i in order[start : start + EMBED_BATCH]]), dtype=np.float32))
-            if progress:
-                progress(min(start + EMBED_BATCH, len(texts)))
+        if progress:
+            progress(min(start + EMBED_BATCH, len(texts)))
     vectors = np.empty((len(texts), out[0].shape[1] if out else 0), dtype=np.float32)
     if out:
         vectors[order] = np.concatenate(out)
