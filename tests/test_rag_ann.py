@@ -147,7 +147,7 @@ def test_the_index_trains_within_the_writers_memory_limit(tmp_path, monkeypatch)
 
     monkeypatch.setattr(ann, "MIN_CHUNKS", 2_000)
     monkeypatch.setattr(duckdb_store, "WRITE_MEMORY", "16MB")
-    monkeypatch.setattr(ann, "READ_MEMORY", "16MB")
+    monkeypatch.setattr(duckdb_store, "READ_MEMORY", "16MB")
     monkeypatch.setattr(ann, "BATCH", 1_000)  # 1.5 MB read at a time, as 5,000 are against the real 32 MB
     monkeypatch.setattr(ann, "TRAIN_PER_LIST", 20)  # a sample of about half the chunks
     n, dim = 20_000, 384  # 31 MB of vectors

@@ -22,9 +22,6 @@ MIN_CHUNKS = 20_000
 RETRAIN = 4
 TRAIN_PER_LIST = 64  # training vectors per cell (faiss asks for at least 39)
 BATCH = 5_000  # vectors read from DuckDB at a time (7.5 MB of 384-dim ones)
-# The writer's DuckDB memory while the index is made: the vectors stream through it a batch
-# at a time and nothing more is written, so its cache of table blocks can shrink
-READ_MEMORY = "32MB"
 
 
 def lists(n: int) -> int:
@@ -70,7 +67,6 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
 
     if total < MIN_CHUNKS:
         return None
-    con.execute(f"SET memory_limit = '{READ_MEMORY}'")
     old = (previous or {}).get("ann")
     if old and total <= RETRAIN * old["trained_on"]:
         index = faiss.read_index(str(Path(previous["folder"]) / old["file"]))

@@ -22,6 +22,8 @@ COLUMNS = ("chunk_id", "row_id", "position", "hash", "text", "metadata")
 # this limit +73 MB, 12 % slower to insert: tests/benchmarks/RESULTS.md). Blocks beyond it
 # are on disk already; a large query spills to a temporary file.
 WRITE_MEMORY = "128MB"
+# ... and while the ANN index is made: the vectors only stream through it, a batch at a time
+READ_MEMORY = "32MB"
 
 
 class Writer:
@@ -48,6 +50,7 @@ class Writer:
         from . import ann
 
         total = self._con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
+        self._con.execute(f"SET memory_limit = '{READ_MEMORY}'")  # nothing more is written
         index = ann.write(self._con, self._folder, int(total), self._previous if self._copied else None, self._first_new_key)
         close(self._con)
         return {"backend": "duckdb", "file": f"model/{FILE}", **({"ann": index} if index else {})}, int(total)
