@@ -126,6 +126,34 @@ def test_the_summary_says_which_method_why_and_shows_a_marked_training_example(d
 # --- the usual flow, on a tiny model (plumbing, not quality) ---------------------------------
 
 
+@pytest.mark.parametrize("method", ["dpo", "kto"])
+def test_the_before_metrics_come_from_the_reference_scores_without_a_forward_pass(tiny, method):
+    """A run's model as it starts is its reference: the holdout's metrics before training are
+    the reference's scores (a new adapter is the identity), not a second pass over the holdout."""
+    from pathlib import Path
+
+    from nbcustom import models
+    from nbcustom.engines.llm.generate import adapted, lora_config
+
+    model, tokenizer = models.load_llm(Path(tiny))
+    rows = feedback_task.pairs(12) if method == "dpo" else feedback_task.rated(12)
+    spec = FinetuneSpec.from_options(**({"feedback": "good"} if method == "kto" else {}))
+    held = preference.mismatched(preference.items(rows, tokenizer, spec, method, None))
+    objective = preference.Objective(method, 0.1, True, tokenizer.pad_token_id)
+    with adapted(model, config=lora_config(model, 8, 16)) as peft_model:
+        objective.reference(peft_model, held)
+        loss, forward = objective.evaluate(peft_model, held)
+        passes = []
+        hook = peft_model.register_forward_hook(lambda *_: passes.append(1))
+        known_loss, known = objective.evaluate(None, held)
+        hook.remove()
+    assert not passes
+    assert known_loss == pytest.approx(loss, abs=1e-6) and known == pytest.approx(forward, abs=1e-6)
+    assert known["preference_accuracy"] == 0.0 and known["reward_margin"] == 0.0
+    assert known_loss == pytest.approx(0.6931472 if method == "dpo" else 0.5, abs=1e-6)
+
+
+
 def test_dpo_after_sft_is_tuned_against_v1_promoted_on_the_preference_loss_and_predicts(tiny, tmp_path):
     pairs = feedback_task.pairs(24)
     options = {"base": tiny, "ui": "none", "max_new_tokens": 4, "eval_frac": 0.25}

@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 from ...evaluate import generation_scores, perplexity
 from . import data as llm_data, labels as llm_labels, pack as llm_pack
 
-GENERATE_BATCH = 16
+GENERATE_BATCH = 32  # a holdout of 20 in one batch: 17.2 s against 23.3 s as 16 + 4 (AVX2, one thread, 80 new tokens)
 LOSS_BATCH = 8
 
 # Where LoRA goes, by architecture (config.model_type); others get every linear layer.

@@ -51,6 +51,7 @@ class Item:
     sequences: list
     good: bool | None = None
     reference: list = field(default_factory=list)  # the reference model's log-likelihood of each sequence
+    counts: list = field(default_factory=list)  # and the number of tokens it sums
 
     def __len__(self) -> int:
         return sum(len(s) for s in self.sequences)
@@ -177,9 +178,9 @@ class Objective:
         with torch.no_grad():
             for start in range(0, len(found), EVAL_ITEMS):
                 group = found[start:start + EVAL_ITEMS]
-                sums, _ = self._logps(model, [s for item in group for s in item.sequences])
+                sums, counts = self._logps(model, group, (0, 1))
                 for i, item in enumerate(group):
-                    item.reference = sums[2 * i: 2 * i + 2].tolist()
+                    item.reference, item.counts = sums[2 * i: 2 * i + 2].tolist(), counts[2 * i: 2 * i + 2].tolist()
                 if progress:
                     progress(start + len(group), len(found))
 
@@ -191,7 +192,7 @@ class Objective:
         import torch.distributed as dist
 
         with torch.no_grad():
-            parts = [self._logps(model, [item.sequences[1] for item in found[s:s + EVAL_ITEMS]])[0].cpu() for s in range(0, len(found), EVAL_ITEMS)]
+            parts = [self._logps(model, found[s:s + EVAL_ITEMS], (1,))[0].cpu() for s in range(0, len(found), EVAL_ITEMS)]
         ref = torch.tensor([item.reference[1] for item in found], dtype=torch.float32)
         gap = torch.cat(parts) - ref if parts else ref
         total = torch.stack([gap.sum(), torch.tensor(float(len(gap)))])
@@ -209,7 +210,7 @@ class Objective:
 
         ref = torch.tensor([item.reference for item in group], dtype=torch.float32)
         if self.method == "dpo":
-            sums, counts = self._logps(model, [s for item in group for s in item.sequences])
+            sums, counts = self._logps(model, group, (0, 1))
             sums, counts, ref = sums.view(-1, 2), counts.view(-1, 2), ref.to(sums.device)
             reward = self.beta * ((sums[:, 0] - ref[:, 0]) - (sums[:, 1] - ref[:, 1]))
             preference = -F.logsigmoid(reward)
@@ -217,7 +218,7 @@ class Objective:
             mean = sums.detach() / counts.clamp(min=1)
             out = {"likelier": mean[:, 0] > mean[:, 1]}
         else:
-            sums, counts = self._logps(model, [item.sequences[0] for item in group])
+            sums, counts = self._logps(model, group, (0,))
             ref = ref.to(sums.device)
             z = z.to(sums.device)
             ratio = sums - ref[:, 0]
@@ -229,10 +230,12 @@ class Objective:
         return {**out, "loss": loss, "preference": preference.detach(), "reward": reward.detach()}
 
     def evaluate(self, model, held: list[Item]) -> tuple[float, dict]:
-        """(the holdout's preference loss, its preference metrics), without gradients."""
+        """(the holdout's preference loss, its preference metrics), without gradients; model
+        None: of the reference itself, from its scores (``reference``), with no forward pass."""
         import torch
 
-        model.eval()
+        if model is not None:
+            model.eval()
         z = self.kl(model, held) if self.method == "kto" else None
         with torch.no_grad():
             parts = [self.losses(model, held[s:s + EVAL_ITEMS], z) for s in range(0, len(held), EVAL_ITEMS)]
@@ -249,14 +252,15 @@ class Objective:
                        "reward_margin": float(good.mean() - bad.mean()) if both else float("nan")}
         return loss, {"preference_loss": loss, **metrics}
 
-    def score(self, model, tokenizer, held: list[Item], max_new_tokens: int, display, label: str) -> tuple[dict, list[str]]:
+    def score(self, model, tokenizer, held: list[Item], max_new_tokens: int, display, label: str, start: bool = False) -> tuple[dict, list[str]]:
         """Before/after: the preference metrics and greedy answers, scored against the
-        preferred answers (DPO: chosen; KTO: the good ones)."""
+        preferred answers (DPO: chosen; KTO: the good ones). ``start``: the model as the run
+        starts is the reference, whose scores of the holdout are known already."""
         from ...evaluate import generation_scores
         from .generate import generate
 
         display.phase(f"evaluating {label}")
-        _, metrics = self.evaluate(model, held)
+        _, metrics = self.evaluate(None if start else model, held)
         prompts = [item.sequences[0].ids[: item.sequences[0].prompt_length] for item in held]
         texts = generate(model, tokenizer, prompts, max_new_tokens, lambda i, n: display.step(i, n))
         preferred = [(t, item.sequences[0].response) for t, item in zip(texts, held) if item.good is not False]
@@ -264,7 +268,14 @@ class Objective:
             metrics.update(generation_scores(*map(list, zip(*preferred))))
         return metrics, texts
 
-    def _logps(self, model, sequences: list[Example]):
+    def _logps(self, model, group: list[Item], which: tuple):
+        """(summed log-probabilities, token counts) of the items' sequences ``which``, item by
+        item; model None: the reference's, scored once."""
+        import torch
+
+        if model is None:
+            return tuple(torch.tensor([getattr(item, kind)[k] for item in group for k in which]) for kind in ("reference", "counts"))
+        sequences = [item.sequences[k] for item in group for k in which]
         return llm_pack.sequence_logps(model, llm_pack.pack(sequences, 0, self.pad_id), len(sequences))
 
 

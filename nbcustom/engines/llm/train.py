@@ -111,7 +111,7 @@ def _train(spec, rows, previous, build, display) -> Outcome:
     def scored(model, label):
         if method == "sft":
             return score(model, tokenizer, held_set, spec.max_new_tokens, display, label, labels)
-        return objective.score(model, tokenizer, held_set, spec.max_new_tokens, display, label)
+        return objective.score(model, tokenizer, held_set, spec.max_new_tokens, display, label, start=label == "before")
 
     with adapted(model, **source) as peft_model, run_on.computing(peft_model):
         if method != "sft":
