@@ -259,10 +259,10 @@ def test_second_finetune_continues_from_v1_without_reloading_the_base(tuned, she
 
 
 @pytest.mark.slow
-def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, store_dir, monkeypatch):
+def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, store_dir, monkeypatch, tiny):
     monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 0)  # a checkpoint at every planned step
     ip.user_ns["fmt_rows"] = llm_task.rows(20)
-    options = "--max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8"
+    options = f"--base {tiny} --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8"
     seen: list[int] = []
     real_step = TextDisplay.step
 
@@ -278,7 +278,7 @@ def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, s
     with pytest.raises(KeyboardInterrupt):
         ip.run_cell_magic("finetune", f"resumable {options}", "SELECT * FROM fmt_rows")
     assert snapshot(store_dir) == before
-    assert not _has_lora(_base()[0])
+    assert not _has_lora(models.load_llm(Path(tiny))[0])
     assert seen == [1, 2, 3]
 
     seen.clear()
@@ -295,7 +295,7 @@ def test_ctrl_c_writes_no_version_and_resume_continues_from_the_checkpoint(ip, s
 
 
 @pytest.mark.slow  # the slow disk: about 10 s more
-def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store_dir, monkeypatch):
+def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store_dir, monkeypatch, tiny):
     """A thread writes each checkpoint from the live tensors while the next step's gradient is
     computed, and the optimizer waits for it: a slow disk must not let the next update into
     the checkpoint."""
@@ -322,7 +322,7 @@ def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store
     monkeypatch.setattr(_Writer, "run", slow_run)
     monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 0)
     ip.user_ns["fmt_rows"] = llm_task.rows(20)
-    ip.run_cell_magic("finetune", "slowdisk --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8", "SELECT * FROM fmt_rows")
+    ip.run_cell_magic("finetune", f"slowdisk --base {tiny} --max-steps 4 --lr 2e-3 --eval-frac 0.2 --max-new-tokens 8", "SELECT * FROM fmt_rows")
     assert len(saved) == len(written) == 3  # after steps 1-3
     assert not all(torch.equal(saved[0][k], saved[-1][k]) for k in saved[0])  # the adapter changed meanwhile
     for at_save, on_disk in zip(saved, written):
@@ -330,7 +330,7 @@ def test_a_checkpoint_holds_its_steps_adapter_while_the_next_step_runs(ip, store
 
 
 @pytest.mark.slow
-def test_a_run_shorter_than_the_checkpoint_interval_writes_no_checkpoint(ip, store_dir, monkeypatch):
+def test_a_run_shorter_than_the_checkpoint_interval_writes_no_checkpoint(ip, store_dir, monkeypatch, tiny):
     """Checkpoints come at the planned steps, but at most one per ``CHECKPOINT_SECONDS``: a
     short run spends no CPU on them."""
     from nbcustom import Store
@@ -340,11 +340,11 @@ def test_a_run_shorter_than_the_checkpoint_interval_writes_no_checkpoint(ip, sto
     monkeypatch.setattr(Checkpoint, "save", lambda self, *args, **kwargs: saves.append(self))
     monkeypatch.setattr(_train_module(), "CHECKPOINT_SECONDS", 3600)
     ip.user_ns["fmt_rows"] = llm_task.rows(12)
-    ip.run_cell_magic("finetune", "quick --max-steps 3 --eval-frac 0.25 --max-new-tokens 1", "SELECT * FROM fmt_rows")
+    ip.run_cell_magic("finetune", f"quick --base {tiny} --max-steps 3 --eval-frac 0.25 --max-new-tokens 1", "SELECT * FROM fmt_rows")
     assert Store(store_dir).get("quick").manifest["counts"]["steps"] == 3 and saves == []
     summaries = []
     monkeypatch.setattr(TextDisplay, "finish", lambda self, summary: summaries.append(summary))
-    ip.run_cell_magic("finetune", "again --max-steps 1 --eval-frac 0.25 --max-new-tokens 1 --resume", "SELECT * FROM fmt_rows")
+    ip.run_cell_magic("finetune", f"again --base {tiny} --max-steps 1 --eval-frac 0.25 --max-new-tokens 1 --resume", "SELECT * FROM fmt_rows")
     assert any(note.startswith("--resume found no checkpoint of this run") for note in summaries[0].notes), summaries[0].notes
 
 

@@ -58,6 +58,37 @@ def test_rows_become_documents_with_ids_text_metadata_and_content_hashes():
     assert one["text"][0] == "Code QX-4471." and chosen["metadata_columns"] == []
 
 
+def test_chunks_are_the_sentence_splitters_whether_a_row_fits_one_chunk_or_not():
+    """``split`` makes a row that fits in one chunk itself and leaves the rest to llama-index's
+    ``SentenceSplitter``: every chunk's text and embedded text equal the splitter's own."""
+    from llama_index.core import Document
+    from llama_index.core.node_parser import SentenceSplitter
+    from llama_index.core.schema import MetadataMode
+
+    from nbcustom.engines.rag import models as rag_models
+    from nbcustom.engines.rag.index import documents, split
+    from nbcustom.specs import RagSpec
+
+    embed_model = rag_models.embedder(None)
+    tokens = embed_model._model.tokenizer
+    words = [f"word{i}" for i in range(200)]
+    sizes = {n: " ".join(words[:n]) for n in range(1, 120)}
+    fits = {len(tokens(t, add_special_tokens=False)["input_ids"]): t for t in sizes.values()}  # text by its token count
+    texts = ["A short note about bread.", "  Padded on both sides.\n\n", "One.\n\nTwo paragraphs."]
+    texts += [fits[n] for n in sorted(fits) if 40 <= n <= 70]  # around the room a 64-token chunk leaves
+    texts += [" ".join(f"Sentence {i} tells of the {w} keeper." for i, w in enumerate(words[:40]))]  # several chunks
+    for metadata in ("topic", None):
+        rows = pd.DataFrame({"id": range(len(texts)), "text": texts, "topic": ["bakery"] * (len(texts) - 1) + ["a long topic " * 4]})
+        spec = RagSpec.from_options(text="text", chunk_size=64, chunk_overlap=8, **({"metadata": metadata} if metadata else {}))
+        frame, _ = documents(spec, rows)
+        splitter = SentenceSplitter(chunk_size=64, chunk_overlap=8, tokenizer=lambda t: tokens(t, add_special_tokens=False)["input_ids"])
+        nodes = splitter.get_nodes_from_documents([Document(id_=r.row_id, text=r.text, metadata=r.metadata) for r in frame.itertuples()])
+        expected = [(n.ref_doc_id, n.text, n.get_content(metadata_mode=MetadataMode.EMBED)) for n in nodes]
+        chunks = split(frame, spec, embed_model)
+        assert [(c["row_id"], c["text"], c["embed_text"]) for c in chunks] == expected
+        assert len(expected) > len(texts) and [c["position"] for c in chunks if c["row_id"] == frame["row_id"].iloc[-1]][-1] > 0
+
+
 # --- bad input -------------------------------------------------------------------------------
 BAD = {
     "no text column": ("SELECT id, id * 2 AS n FROM facts", "", "no text column"),

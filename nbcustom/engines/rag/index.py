@@ -223,43 +223,59 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
 
 
 def split(frame, spec: RagSpec, embed_model) -> list[dict]:
-    """Rows -> chunks with ``SentenceSplitter`` (sizes in the embedding model's tokens)."""
+    """Rows -> chunks as ``SentenceSplitter`` makes them (sizes in the embedding model's
+    tokens). A row that fits in one chunk becomes that chunk here (``_whole``); only longer
+    rows go through the splitter, whose objects cost more than the tokenizing (RESULTS.md)."""
     from llama_index.core import Document
     from llama_index.core.node_parser import SentenceSplitter
     from llama_index.core.schema import MetadataMode
 
     tokenizer = _TokenCache(embed_model._model.tokenizer)
     splitter = SentenceSplitter(chunk_size=spec.chunk_size, chunk_overlap=spec.chunk_overlap, tokenizer=tokenizer)
-    rows = {row.row_id: row for row in frame.itertuples(index=False)}
-    docs = [Document(id_=row.row_id, text=row.text, metadata=row.metadata) for row in rows.values()]
-    nodes = []
+    rows = list(frame.itertuples(index=False))
+    texts: dict[str, list[tuple[str, str]]] = {}  # row id -> its chunks' (text, embed text)
     with rag_models.quiet():
-        for part in _slices(docs):
-            tokenizer.prefill([d.text for d in part])
-            nodes += splitter.get_nodes_from_documents(part)
-    chunks, positions = [], {}
-    for node in nodes:
-        row = rows[node.ref_doc_id]
-        position = positions[row.row_id] = positions.get(row.row_id, -1) + 1
-        chunks.append(
-            {
-                "chunk_id": f"{row.row_id}#{position}", "row_id": row.row_id, "position": position,
-                "hash": row.hash, "text": node.text, "metadata": row.metadata,
-                "embed_text": node.get_content(metadata_mode=MetadataMode.EMBED),
-            }
-        )
-    return chunks
+        for part in _slices(rows):
+            tokenizer.prefill([row.text for row in part])
+            longer = []
+            for row in part:
+                whole = _whole(row.text, row.metadata, tokenizer, spec.chunk_size)
+                if whole:
+                    texts[row.row_id] = [whole]
+                else:
+                    longer.append(Document(id_=row.row_id, text=row.text, metadata=row.metadata))
+            for node in splitter.get_nodes_from_documents(longer):
+                texts.setdefault(node.ref_doc_id, []).append((node.text, node.get_content(metadata_mode=MetadataMode.EMBED)))
+    return [
+        {"chunk_id": f"{row.row_id}#{position}", "row_id": row.row_id, "position": position, "hash": row.hash,
+         "text": text, "metadata": row.metadata, "embed_text": embed_text}
+        for row in rows for position, (text, embed_text) in enumerate(texts.get(row.row_id, []))
+    ]
 
 
-def _slices(docs: list) -> Iterator[list]:
-    """``docs`` in order, at most SPLIT_BATCH rows or about SPLIT_CHARS characters at a time."""
+def _whole(text: str, metadata: dict, tokenizer, chunk_size: int) -> tuple[str, str] | None:
+    """(text, embed text) of the one chunk ``SentenceSplitter`` makes of a row whose text and
+    metadata header fit in ``chunk_size`` tokens, with llama-index's default templates; None
+    where the splitter has more to do (a longer row, an empty text, a header near the size)."""
+    from llama_index.core.schema import DEFAULT_METADATA_TMPL, DEFAULT_TEXT_NODE_TMPL
+
+    header = "\n".join(DEFAULT_METADATA_TMPL.format(key=k, value=str(v)) for k, v in metadata.items())
+    room = chunk_size - len(tokenizer(header))
+    if not text.strip() or room < 50 or len(tokenizer(text)) > room:
+        return None
+    text = text.strip()
+    return text, DEFAULT_TEXT_NODE_TMPL.format(metadata_str=header, content=text).strip() if header else text
+
+
+def _slices(rows: list) -> Iterator[list]:
+    """``rows`` in order, at most SPLIT_BATCH rows or about SPLIT_CHARS characters at a time."""
     part, size = [], 0
-    for doc in docs:
-        if part and (len(part) >= SPLIT_BATCH or size + len(doc.text) > SPLIT_CHARS):
+    for row in rows:
+        if part and (len(part) >= SPLIT_BATCH or size + len(row.text) > SPLIT_CHARS):
             yield part
             part, size = [], 0
-        part.append(doc)
-        size += len(doc.text)
+        part.append(row)
+        size += len(row.text)
     if part:
         yield part
 
