@@ -89,8 +89,8 @@ def test_dpo_loss_equals_trls_dpo_trainer_on_a_fixed_batch(tmp_path):
         policy = []  # the policy's summed log-probabilities, seen on the way (no extra pass)
         logps = objective._logps
 
-        def seen(model, sequences):
-            sums, counts = logps(model, sequences)
+        def seen(model, group, which):
+            sums, counts = logps(model, group, which)
             policy.append(sums.detach().view(-1, 2))  # per item: chosen, rejected
             return sums, counts
 
