@@ -26,14 +26,6 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         os.environ[_var] = str(THREADS)
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist, the files holding slow tests first: the two processes take files in
-    this order, and a long file taken last would leave the other process idle."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        slow = {item.path for item in items if item.get_closest_marker("slow")}
-        items.sort(key=lambda item: item.path not in slow)  # stable: a file's tests keep their order
-
-
 @pytest.fixture(autouse=True)
 def _thread_share():
     """Each test starts with its process's share of threads: AutoGluon's fits set torch's
