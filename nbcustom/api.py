@@ -114,7 +114,9 @@ def rag(name: str, data: Any, *, namespace=None, con=None, store=None, ui=None, 
         raise NbCustomError(f"{name} is a {kind} model, not a RAG index: choose another name")
     if spec.where:
         raise NbCustomError("--where filters answers: use it with --ask, --eval or %%predict, not when building an index")
-    rows = rows_of(data, namespace, con, params)
+    namespace = namespace if namespace is not None else settings.namespace()
+    # the rows go to the version's train.parquet as they are read; the build reads them back
+    rows = functools.partial(_data.spool, data, namespace=namespace, con=con, params=params)
     return _commit("rag", name, "rag", spec, data, rows, store.active(name), engine("rag").build, store, ui, params)
 
 
@@ -320,11 +322,16 @@ def _newest(store: Store, previous: Version | None) -> Version | None:
 
 
 def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, ui, params=None) -> Version:
-    """Run ``train`` inside a staging build and commit the version; show the summary."""
+    """Run ``train`` inside a staging build and commit the version; show the summary.
+    ``rows``: a DataFrame, or a function that writes them to the build's ``train.parquet``
+    and returns that ``data.RowFile``."""
     started = _dt.datetime.now()
     display = make_display(ui or default_ui(), f"%%{magic} {name}")
     try:
         with store.build(name, kind) as build:
+            if callable(rows):
+                display.phase("reading rows")
+                rows = rows(build.path / "train.parquet")
             if worker.enabled():
                 outcome: Outcome = worker.run(train, spec, rows, previous, build, display, kind)
             else:
@@ -339,7 +346,7 @@ def _commit(magic, name, kind, spec, data, rows, previous, train, store: Store, 
                     "options": spec.to_dict(),
                     "sql": data if isinstance(data, str) else None,
                     **({"params": params} if params else {}),
-                    "data": {"rows": len(rows), "columns": list(map(str, rows.columns)), "sha256": frame_sha256(rows)},
+                    "data": {"rows": len(rows), "columns": list(map(str, rows.columns)), "sha256": rows.sha256 if isinstance(rows, _data.RowFile) else frame_sha256(rows)},
                     "parent": previous.version if previous else None,
                     "metrics": {"before": outcome.before, "after": outcome.after},
                     "counts": {"read": len(rows), **outcome.counts},

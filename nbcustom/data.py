@@ -163,6 +163,64 @@ def batches(data, size: int, namespace=None, con=None, params=None) -> Iterator[
                 yield batch.slice(start, size).to_pandas(), total
 
 
+SPOOL_BATCH = 10_000  # rows read from DuckDB, written to Parquet and read back at a time
+
+
+def spool(data, path, namespace=None, con=None, params=None) -> "RowFile":
+    """The rows of ``data`` (SQL text or a table-like value) written to the Parquet file
+    ``path`` as they are read: a query in DuckDB's Arrow record batches, a DataFrame a slice at
+    a time. Read back a batch at a time (``RowFile.batches``), so no step holds every row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if isinstance(data, str):
+        con = con if con is not None else default_session().con
+        with _relation(con, data, namespace, params) as relation:
+            reader = relation.to_arrow_reader(SPOOL_BATCH)
+            with pq.ParquetWriter(str(path), reader.schema) as writer:
+                for batch in reader:
+                    writer.write_batch(batch)
+    else:
+        frame = to_pandas(data)
+        schema = pa.Schema.from_pandas(frame, preserve_index=False)  # types of whole columns
+        with pq.ParquetWriter(str(path), schema) as writer:
+            for start in range(0, len(frame), SPOOL_BATCH):
+                writer.write_table(pa.Table.from_pandas(frame.iloc[start : start + SPOOL_BATCH], schema=schema, preserve_index=False))
+    rows = RowFile(path)
+    if not len(rows):
+        raise NbCustomError(NO_ROWS)
+    return rows
+
+
+class RowFile:
+    """Rows in a Parquet file (``spool``): their number, columns, Arrow ``schema`` and
+    ``sha256`` (``hashing.frame_sha256`` of the rows, fed a batch at a time), and ``batches``
+    of them as DataFrames. Pickled to a worker process as the path and these facts."""
+
+    def __init__(self, path):
+        import pyarrow.parquet as pq
+
+        from .hashing import frames_sha256
+
+        self.path = path
+        self.schema = pq.read_schema(str(path))
+        self.columns = [str(c) for c in self.schema.names]
+        self._rows = pq.read_metadata(str(path)).num_rows
+        self.sha256 = frames_sha256(self.columns, self.batches())
+
+    def __len__(self) -> int:
+        return self._rows
+
+    def batches(self, size: int = SPOOL_BATCH) -> Iterator[Any]:
+        """``size`` rows at a time as pandas DataFrames (integers with NULLs as Python ints and
+        None, so a value converts alike whatever else its batch holds)."""
+        import pyarrow.parquet as pq
+
+        with pq.ParquetFile(str(self.path)) as file:
+            for batch in file.iter_batches(batch_size=size):
+                yield batch.to_pandas(integer_object_nulls=True)
+
+
 def write_parts(con, table: str, parts: Iterable[tuple[Any, int | None]], keep: int, preview: int, progress) -> tuple[Any, int]:
     """Write each (``pandas.DataFrame``, total rows) of ``parts`` to the DuckDB ``table`` as
     it comes; ``progress(rows so far, total)`` after each. The rows go to a staging table on

@@ -155,7 +155,7 @@ def test_refresh_embeds_only_new_and_changed_rows_and_forgets_removed_ones(ip, s
     assert "Pia Lorrent" in index.retrieve(["Who invented the glimmerwheel?"], 1)[0][0]["snippet"]
     assert ids(index.retrieve(["Who is the harbor master of Port Ellisande?"], 1)[0]) == [51]
     saved = pd.read_parquet(v2.path / "train.parquet")
-    assert len(saved) == 50 and "content_hash" in saved.columns
+    assert len(saved) == 50 and saved.columns.tolist() == ["id", "fact", "topic"]  # the rows as the query read them
 
     # --append keeps rows missing from the query; the same rows again embed nothing
     start = embedded_documents()
@@ -163,6 +163,7 @@ def test_refresh_embeds_only_new_and_changed_rows_and_forgets_removed_ones(ip, s
     counts = Store(store_dir).get("facts").manifest["counts"]
     assert embedded_documents() == start
     assert (counts["embedded"], counts["removed"], counts["kept"], counts["chunks"]) == (0, 0, 41, 50)
+    assert len(pd.read_parquet(Store(store_dir).get("facts").path / "train.parquet")) == 50  # 9 read, 41 kept
     # another chunking re-embeds everything (vectors of other chunks cannot be reused)
     ip.run_cell_magic("rag", "facts --metadata topic --chunk-size 256", "SELECT * FROM facts")
     assert Store(store_dir).get("facts").manifest["counts"]["embedded"] == 50
@@ -170,6 +171,36 @@ def test_refresh_embeds_only_new_and_changed_rows_and_forgets_removed_ones(ip, s
 
 # --- answers and evaluation (the embedded LLM) ----------------------------------------------
 @pytest.mark.slow
+def test_a_build_reads_the_query_a_batch_at_a_time(ip, store_dir, monkeypatch):
+    """The query's rows go from DuckDB's Arrow record batches into the version's
+    train.parquet and come back BUILD_SLICE rows at a time: no step holds the whole query,
+    ids are unique across slices, and an integer column with NULLs in some slices reads as
+    integers in all of them."""
+    from nbcustom import data
+    from nbcustom.engines.rag import index as rag_index
+
+    monkeypatch.setattr(data, "SPOOL_BATCH", 7)
+    monkeypatch.setattr(rag_index, "BUILD_SLICE", 10)
+    seen = []
+    monkeypatch.setattr(rag_index, "documents", lambda spec, rows, chosen=None, documents=rag_index.documents:
+                        seen.append(len(rows)) or documents(spec, rows, chosen))
+    monkeypatch.setattr(data, "to_pandas", lambda *a, **k: pytest.fail("the whole query was read into one frame"))
+    ip.user_ns["facts"] = facts_frame(FIFTY)
+    ip.run_cell_magic("rag", "facts --metadata topic,n", "SELECT *, CASE WHEN id % 4 = 0 THEN NULL ELSE id END AS n FROM facts")
+    assert max(seen) == 10 and sum(seen) == 2 * 50  # read for the hashes, then for the embedding
+    v1 = Store(store_dir).get("facts")
+    assert len(pd.read_parquet(v1.path / "train.parquet")) == 50 and v1.manifest["data"]["rows"] == 50
+    index = nbcustom.load("facts", store=store_dir)
+    numbers = [index.vectors.metadata(i)["n"] for i in range(len(index.vectors))]
+    assert all(type(n) is int for n in numbers if n is not None) and numbers.count(None) == 12
+    assert ids(index.retrieve(["What is the tallest tower in Dunmarrow?"], 1)[0]) == [7]
+
+    state = snapshot(store_dir)  # a duplicate id in another slice than its first
+    with pytest.raises(NbCustomError, match="duplicate values") as error:
+        ip.run_cell_magic("rag", "facts", "SELECT id % 40 AS id, fact FROM facts")
+    assert "\n" not in str(error.value) and snapshot(store_dir) == state
+
+
 def test_eval_with_retrieval_beats_the_llm_alone_offline_without_api_keys(ip, store_dir, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     for var in ("OPENAI_API_KEY", "OPENAI_API_BASE", "ANTHROPIC_API_KEY", "HF_TOKEN"):

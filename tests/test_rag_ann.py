@@ -1,4 +1,4 @@
-"""The approximate index of large DuckDB index files (faiss IVF, ``stores/ann.py``): made from
+"""The approximate index of large DuckDB index files (faiss IVF-SQ8, ``stores/ann.py``): made from
 ``ann.MIN_CHUNKS`` chunks on (lowered here so that small data reaches it), saved in the
 version folder under its checksums, updated in place by a refresh, recall against the exact
 search, ``where`` filters that still return k chunks; and ``%%rag`` end to end."""
@@ -61,16 +61,18 @@ def test_a_large_index_gets_an_ivf_index_that_a_refresh_updates_in_place(tmp_pat
     queries = clustered(30, seed=1)
     v1, _, total = write(tmp_path / "v1", [chunk(i) for i in range(5_000)], vectors[:5_000])
     entry = v1.manifest["index"]["store"]
-    assert total == 5_000 and entry["ann"] == {"type": "faiss-ivf-flat", "file": "model/index.faiss", "metric": "cosine",
-                                               "lists": ann.lists(5_000), "probes": ann.probes(ann.lists(5_000)), "trained_on": 5_000}
+    assert total == 5_000 and entry["ann"] == {"type": "faiss-ivf-sq8", "file": "model/index.faiss", "metric": "cosine",
+                                               "lists": ann.lists(5_000), "probes": ann.probes(ann.lists(5_000)),
+                                               "rerank": {"factor": 2, "at_least": 20}, "trained_on": 5_000}
     assert (v1.path / "model" / "index.faiss").is_file()
     found = stores.open(v1)
     assert found._ann is not None and found._ann.ntotal == 5_000
+    assert found._ann.code_size == DIM  # a byte per dimension: the index does not hold the vectors again
     order = [int(c[1:6]) for c in found.chunk_ids]
     assert recall(found, vectors[order], queries) >= 0.95
     # a filter that keeps 1/7 of the chunks, more than MIN_CHUNKS: the ANN path with faiss's selector
     calls = []
-    monkeypatch.setattr(ann, "search", lambda *a, search=ann.search: calls.append(1) or search(*a))
+    monkeypatch.setattr(ann, "candidates", lambda *a, candidates=ann.candidates: calls.append(1) or candidates(*a))
     monkeypatch.setattr(ann, "MIN_CHUNKS", 500)
     among = np.asarray([p for p in range(len(order)) if order[p] % 7 == 3])
     assert len(among) > 700 and recall(found, vectors[order], queries[:10], among=among) >= 0.95 and len(calls) == 10
@@ -99,6 +101,40 @@ def test_a_large_index_gets_an_ivf_index_that_a_refresh_updates_in_place(tmp_pat
     assert total == 5_900 and v3.manifest["index"]["store"]["ann"]["trained_on"] == 5_900
 
 
+def test_the_scores_are_exact_cosines_and_an_ivf_flat_version_still_searches_and_refreshes(tmp_path, monkeypatch):
+    """The 8-bit codes only choose candidates: the scores returned are the full vectors'
+    cosines. A version made with IVF-Flat (before the codes) still answers, and its refresh
+    trains an IVF-SQ8 index."""
+    import faiss
+
+    monkeypatch.setattr(ann, "MIN_CHUNKS", 2_000)
+    vectors, queries = clustered(5_000, seed=4), clustered(20, seed=5)
+    v1, _, _ = write(tmp_path / "v1", [chunk(i) for i in range(4_000)], vectors[:4_000])
+    found = stores.open(v1)
+    for q in queries[:5]:
+        hits = found.search(q, 10)
+        exact = found.matrix[[p for p, _ in hits]] @ (q / np.linalg.norm(q))
+        assert np.allclose([s for _, s in hits], exact, atol=1e-6) and list(exact) == sorted(exact, reverse=True)
+
+    def flat(con, total):  # the code of before: IVF-Flat
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(DIM), DIM, ann.lists(total), faiss.METRIC_INNER_PRODUCT)
+        index.train(np.concatenate([v for _, v in ann._batches(con)]))
+        return index
+
+    with monkeypatch.context() as old:
+        old.setattr(ann, "_trained", flat)
+        old.setattr(ann, "TYPE", "faiss-ivf-flat")
+        v2, _, _ = write(tmp_path / "v2", [chunk(i) for i in range(4_000)], vectors[:4_000])
+    before = stores.open(v2)
+    assert before._ann.code_size == 4 * DIM and v2.manifest["index"]["store"]["ann"]["type"] == "faiss-ivf-flat"
+    order = [int(c[1:6]) for c in before.chunk_ids]
+    assert recall(before, vectors[order], queries) >= 0.95
+    v3, copied, total = write(tmp_path / "v3", [chunk(i) for i in range(4_000, 4_100)], vectors[4_000:4_100], previous=v2,
+                              copy=[f"r{i:05d}" for i in range(4_000)])
+    entry = v3.manifest["index"]["store"]["ann"]
+    assert (entry["type"], entry["trained_on"], total) == ("faiss-ivf-sq8", 4_100, 4_100) and stores.open(v3)._ann.code_size == DIM
+
+
 def test_a_small_index_keeps_the_exact_search(tmp_path):
     vectors = clustered(300, seed=2)
     v1, _, _ = write(tmp_path / "v1", [chunk(i) for i in range(300)], vectors)
@@ -113,7 +149,7 @@ def test_rag_end_to_end_with_the_approximate_index(ip, store_dir, monkeypatch):
     ip.user_ns["facts"] = facts_frame(FIFTY)
     ip.run_cell_magic("rag", "facts --metadata topic", "SELECT * FROM facts")
     v1 = Store(store_dir).get("facts")
-    assert v1.manifest["index"]["store"]["ann"]["type"] == "faiss-ivf-flat"
+    assert v1.manifest["index"]["store"]["ann"]["type"] == "faiss-ivf-sq8"
     assert "model/index.faiss" in v1.manifest["files"]
     tower = "What is the tallest tower in Dunmarrow?"
     assert ids(nbcustom.retrieve("facts", tower, top_k=3, search="vector", store=store_dir).to_dict("records"))[0] == 7

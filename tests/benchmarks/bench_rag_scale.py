@@ -18,9 +18,10 @@ over the whole matrix), in one run. Not collected by pytest; run it by hand:
    ``nbcustom.retrieve`` runs once the index is loaded) with ``search="vector"``, query
    embedding included, p50 and p95.
 
-4. Peak memory of a build: ``nbcustom.rag`` over ``--memory-rows`` rows (the real model), each
-   in a fresh process that builds in itself (``NBCUSTOM_WORKER=off``), its peak resident set
-   (``ru_maxrss``) against the same process after loading the model and building 100 rows.
+4. Peak memory of a build: ``nbcustom.rag`` over ``--memory-rows`` rows (the real model) read by
+   a query from a DuckDB table of the process, each in a fresh process that builds in itself
+   (``NBCUSTOM_WORKER=off``), its peak resident set (``ru_maxrss``) against the same process
+   after loading the model and building 100 rows.
 
 5. ``--rows`` real rows (``rows``): the build against llama-index's ``from_documents``,
    ``RagIndex.retrieve`` with the default search, a row's own text as the question, and a
@@ -57,14 +58,19 @@ def percentile(values, share: float) -> float:
 MEMORY = """
 import resource, sys, time, tempfile
 sys.path.insert(0, {bench!r})
+import duckdb
 import nbcustom
 from bench_rag import frame
+con = duckdb.connect()
 rows = frame({rows})
+con.register("source", rows)
+con.execute("CREATE TABLE records AS SELECT * FROM source")
+con.unregister("source")
 with tempfile.TemporaryDirectory() as scratch:
-    nbcustom.rag("warm", frame(100, seed=5), store=scratch, ui="none", metadata="topic")
+    nbcustom.rag("warm", "SELECT * FROM records LIMIT 100", con=con, store=scratch, ui="none", metadata="topic")
     warm = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     started = time.perf_counter()
-    nbcustom.rag("big", rows, store=scratch, ui="none", metadata="topic")
+    nbcustom.rag("big", "SELECT * FROM records", con=con, store=scratch, ui="none", metadata="topic")
     print(warm, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.perf_counter() - started)
 """
 

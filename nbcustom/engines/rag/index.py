@@ -35,13 +35,22 @@ INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
 
 
 # --- rows -> documents ---------------------------------------------------------------------
-def documents(spec: RagSpec, rows) -> tuple[Any, dict]:
-    """The rows as a frame of ``row_id``, ``text``, ``metadata`` (dict), ``hash``, plus what
-    was chosen (text, metadata and id columns, id type). User mistakes raise here."""
-    import pandas as pd
+def columns_of(spec: RagSpec, rows) -> dict:
+    """The id, text and metadata columns of ``rows`` (a ``data.RowFile``, typed by its Arrow
+    schema, or a DataFrame) and the id type; a column that is not there raises here."""
+    if hasattr(rows, "schema"):
+        import pyarrow as pa
 
+        types = {str(f.name): f.type for f in rows.schema}
+        is_text = lambda c: pa.types.is_string(types[c]) or pa.types.is_large_string(types[c])  # noqa: E731
+        is_int = lambda c: pa.types.is_integer(types[c])  # noqa: E731
+    else:
+        import pandas as pd
+
+        rows = rows.set_axis([str(c) for c in rows.columns], axis=1)
+        is_text = lambda c: _is_text(rows[c])  # noqa: E731
+        is_int = lambda c: pd.api.types.is_integer_dtype(rows[c])  # noqa: E731
     columns = [str(c) for c in rows.columns]
-    rows = rows.set_axis(columns, axis=1)
     if spec.id not in columns:
         raise NbCustomError(f"no id column {spec.id!r} in the query (columns: {', '.join(columns)}): name one with --id COL")
     metadata_cols = spec.columns("metadata")
@@ -53,16 +62,28 @@ def documents(spec: RagSpec, rows) -> tuple[Any, dict]:
         if col not in columns:
             raise NbCustomError(f"--text column {col!r} is not in the query (columns: {', '.join(columns)}): select it or change --text")
     if not text_cols:
-        text_cols = [c for c in columns if c != spec.id and c not in metadata_cols and _is_text(rows[c])]
+        text_cols = [c for c in columns if c != spec.id and c not in metadata_cols and is_text(c)]
         if not text_cols:
             raise NbCustomError("no text column to index: select a text (VARCHAR) column or name it with --text COL")
+    return {"id_column": spec.id, "id_type": "int" if is_int(spec.id) else "str", "text_columns": text_cols, "metadata_columns": metadata_cols}
+
+
+def documents(spec: RagSpec, rows, chosen: dict | None = None) -> tuple[Any, dict]:
+    """The rows (a DataFrame) as a frame of ``row_id``, ``text``, ``metadata`` (dict),
+    ``hash``, plus the columns ``chosen`` (``columns_of`` them when not given). User
+    mistakes raise here."""
+    import pandas as pd
+
+    chosen = chosen or columns_of(spec, rows)
+    rows = rows.set_axis([str(c) for c in rows.columns], axis=1)
+    text_cols, metadata_cols = chosen["text_columns"], chosen["metadata_columns"]
     ids = rows[spec.id]
     if ids.isna().any():
         raise NbCustomError(f"id column {spec.id!r} has NULL values: every row needs an id (filter them out or choose --id)")
     keys = ids.map(key)
     duplicated = keys[keys.duplicated()]
     if len(duplicated):
-        raise NbCustomError(f"id column {spec.id!r} has duplicate values (e.g. {duplicated.iloc[0]!r}): ids must be unique, choose another --id")
+        raise _duplicate(spec, duplicated.iloc[0])
 
     texts = [_join(row, text_cols) for row in rows[text_cols].itertuples(index=False)]
     empty = [k for k, t in zip(keys, texts) if not t]
@@ -75,11 +96,11 @@ def documents(spec: RagSpec, rows) -> tuple[Any, dict]:
     ] if metadata_cols else [{} for _ in texts]
     frame = pd.DataFrame({"row_id": keys.tolist(), "text": texts, "metadata": metadata})
     frame["hash"] = [content_hash(t, m) for t, m in zip(texts, metadata)]
-    chosen = {
-        "id_column": spec.id, "id_type": "int" if pd.api.types.is_integer_dtype(ids) else "str",
-        "text_columns": text_cols, "metadata_columns": metadata_cols,
-    }
     return frame, chosen
+
+
+def _duplicate(spec: RagSpec, value) -> NbCustomError:
+    return NbCustomError(f"id column {spec.id!r} has duplicate values (e.g. {value!r}): ids must be unique, choose another --id")
 
 
 def content_hash(text: str, metadata: dict) -> str:
@@ -135,10 +156,24 @@ def _plain(value: Any) -> Any:
 def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     """Build the index from ``rows``, or refresh ``previous``: only new or changed rows are
     embedded, unchanged rows' vectors are copied, missing rows are dropped (kept with
-    ``--append``)."""
-    from ... import models
+    ``--append``).
 
-    frame, chosen = documents(spec, rows)
+    ``rows`` is the version's ``train.parquet`` as a ``data.RowFile`` (a DataFrame is written
+    there first). It is read twice, BUILD_SLICE rows at a time: once for the ids and content
+    hashes (every mistake in the rows fails then, before a model loads), once for the rows to
+    embed, which are chunked, embedded and written a slice at a time."""
+    from ... import data, models
+
+    if not isinstance(rows, data.RowFile):
+        rows = data.spool(rows, build.path / "train.parquet")
+    chosen = columns_of(spec, rows)
+    current: dict[str, str] = {}  # row id -> content hash
+    for part in rows.batches(BUILD_SLICE):
+        frame, _ = documents(spec, part, chosen)
+        for row_id, row_hash in zip(frame["row_id"], frame["hash"]):
+            if row_id in current:
+                raise _duplicate(spec, row_id)
+            current[row_id] = row_hash
     stores.check(spec.vector_store)  # an unreachable server fails now, before any model loads
     embed_path = models.resolve_embedding(spec.embed)
     models.resolve_llm(spec.llm)  # an unknown --llm fails now, not at the first question
@@ -153,33 +188,32 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
 
     same_options = previous is not None and all(previous.manifest.get("options", {}).get(o) == getattr(spec, o) for o in INDEX_OPTIONS)
     reuse = same_options and writer.can_copy
-    current = dict(zip(frame["row_id"], frame["hash"]))
     added = [r for r in current if r not in old_hashes]
     changed = [r for r in current if r in old_hashes and old_hashes[r] != current[r]]
     unchanged = [r for r in current if old_hashes.get(r) == current[r]]
     missing = [r for r in old_hashes if r not in current]
     kept = missing if spec.append else []
-    if not reuse:  # other embedding, chunking or vector store: every row is embedded again
-        to_embed = list(current)
-        copied_rows: list[str] = []
-    else:
-        to_embed = added + changed
-        copied_rows = unchanged + kept
     if kept and not reuse:
         raise NbCustomError("--append needs the same --embed, --chunk-size, --chunk-overlap and --vector-store as the previous version")
+    to_embed = set(current) if not reuse else set(added) | set(changed)  # else every row is embedded again
+    copied_rows = unchanged + kept if reuse else []
+    del current, old_hashes  # not needed while the vectors are written
 
     display.phase("embedding")
     # bf16 autocast where the CPU multiplies bf16 natively (twice as fast, vectors within 1e-4
     # cosine of float32's: tests/benchmarks/RESULTS.md), else float32; questions stay float32
     run_on = llm_precision.choose("cpu")
-    todo = frame[frame["row_id"].isin(set(to_embed))]
-    before_calls = EMBED_CALLS["documents"]
-    for start in range(0, len(todo), BUILD_SLICE):  # chunk, embed and write a slice of rows at a time
-        part = todo.iloc[start : start + BUILD_SLICE]
-        chunks = split(part, spec, embed_model)
-        share = len(part) / max(1, len(chunks))
-        vectors = embed(embed_model, [c["embed_text"] for c in chunks], lambda n: display.step(start + round(n * share), len(todo)), run_on)
+    before_calls, done = EMBED_CALLS["documents"], 0
+    for part in rows.batches(BUILD_SLICE):  # chunk, embed and write a slice of rows at a time
+        part = part[part[spec.id].map(key).isin(to_embed).to_numpy()] if len(to_embed) < len(rows) else part
+        if not len(part):
+            continue
+        frame, _ = documents(spec, part, chosen)
+        chunks = split(frame, spec, embed_model)
+        share, at = len(frame) / max(1, len(chunks)), done
+        vectors = embed(embed_model, [c["embed_text"] for c in chunks], lambda n: display.step(at + round(n * share), len(to_embed)), run_on)
         writer.insert(chunks, vectors)
+        done += len(frame)
     display.phase("writing vectors")
     copied = writer.copy(copied_rows) if copied_rows else 0
     entry, total = writer.finish()
@@ -191,6 +225,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
     }
     if kept:
         counts["kept"] = len(kept)
+        _with_kept(rows.path, previous, chosen["id_column"], kept)
     notes = [
         f"{counts['embedded']} rows embedded ({counts['chunks_embedded']} chunks); "
         f"{counts['added']} added, {counts['changed']} changed, {counts['removed']} removed, {counts['unchanged']} unchanged"
@@ -202,10 +237,6 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
         notes.append(f"the vectors moved from v{previous.version}'s store to another: every row was embedded again")
     elif previous is not None and not reuse:
         notes.append(f"--embed or chunking differs from v{previous.version}: every row was embedded again")
-    train_rows = rows.copy()
-    train_rows["content_hash"] = frame["hash"].to_numpy()
-    if kept:
-        train_rows = _with_kept(train_rows, previous, chosen["id_column"], kept)
     info = {
         "base": spec.llm or models.DEFAULT_LLM,
         "index": {**chosen, "embed_model": spec.embed or models.DEFAULT_EMBED, "dim": int(dim), "store": entry, "embed_precision": run_on.name},
@@ -216,7 +247,7 @@ def build(spec: RagSpec, rows, previous, build, display) -> Outcome:
 
     refresh = {k: counts[k] for k in ("added", "changed", "removed", "unchanged", "embedded")}
     return Outcome(
-        counts=counts, train_rows=train_rows, info=info, notes=notes,
+        counts=counts, info=info, notes=notes,
         charts={"refresh": bar_chart(refresh, f"rows in this refresh ({counts['chunks']} chunks in the index)")},
         tables={"refresh": pd.DataFrame([{"rows": k, "count": v} for k, v in refresh.items()])},
     )
@@ -321,16 +352,17 @@ def embed(embed_model, texts: list[str], progress=None, run_on=None):
     return vectors
 
 
-def _with_kept(train_rows, previous, id_column: str, kept: list[str]):
-    """The new rows plus the previous version's rows that ``--append`` kept."""
+def _with_kept(path, previous, id_column: str, kept: list[str]) -> None:
+    """Add the previous version's rows that ``--append`` kept to the new rows' file ``path``
+    (read whole: the one step of a build that holds every row)."""
     import pandas as pd
 
     old_file = previous.path / "train.parquet"
     if not old_file.exists():
-        return train_rows
-    old = pd.read_parquet(old_file)
+        return
+    old = pd.read_parquet(old_file).drop(columns="content_hash", errors="ignore")  # saved by versions before 2026-12-04
     old = old[old[id_column].map(key).isin(set(kept))]
-    return pd.concat([train_rows, old], ignore_index=True)
+    pd.concat([pd.read_parquet(path), old], ignore_index=True).to_parquet(path, index=False)
 
 
 # --- using an index --------------------------------------------------------------------------

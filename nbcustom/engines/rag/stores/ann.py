@@ -1,15 +1,21 @@
-"""The approximate nearest-neighbour index of a large DuckDB index file: faiss's IVF-Flat.
+"""The approximate nearest-neighbour index of a large DuckDB index file: faiss's IVF with 8-bit
+codes (IVF-SQ8), whose candidates are re-ranked by exact cosine.
 
 k-means splits the unit vectors into ``lists(n)`` cells; a question is compared with the cell
-centres, then with every vector of its ``probes`` nearest cells (the full vectors: the scores
-are exact cosines, only the candidates are approximate). It lives in ``model/index.faiss``
-beside the DuckDB file, covered by the version's checksums, its vectors keyed by the chunks'
-``key`` column. A refresh reads the previous version's index, removes the chunks that are
-gone and adds the new ones (the cells stay), and trains anew only when the index grew to
-``RETRAIN`` times the size it was trained at. Below ``MIN_CHUNKS`` the exact search is as fast
-and no index is made. faiss (not HNSW from usearch or faiss) because, on 2 cores, an IVF
-index built 200,000 vectors in 12-16 s against 57-177 s for HNSW, at 0.9-1.0 recall@10 in
-1-2 ms (RESULTS.md, ``%%rag`` at a million rows).
+centres, then with the codes of every vector in its ``probes`` nearest cells: one byte per
+dimension (a scalar quantizer trained on the residuals), a quarter of the vectors' size. The
+best ``max(RERANK * k, RERANK_MIN)`` of them are then scored against the full vectors, which
+the search holds anyway (``duckdb.Vectors``), so the scores are exact cosines and only the
+candidates are approximate. The codes lose no recall against IVF-Flat's full vectors after
+the re-ranking (RESULTS.md), and the index no longer holds the vectors a second time, in the
+build or beside the search. It lives in ``model/index.faiss`` beside the DuckDB file, covered
+by the version's checksums, its vectors keyed by the chunks' ``key`` column. A refresh reads
+the previous version's index, removes the chunks that are gone and adds the new ones (the
+cells stay), and trains anew only when the index grew to ``RETRAIN`` times the size it was
+trained at (or was made as IVF-Flat, before 2026-12-04). Below ``MIN_CHUNKS`` the exact search
+is as fast and no index is made. faiss (not HNSW from usearch or faiss) because, on 2 cores,
+an IVF index built 200,000 vectors in 12-16 s against 57-177 s for HNSW, at 0.9-1.0 recall@10
+in 1-2 ms (RESULTS.md, ``%%rag`` at a million rows).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import math
 from pathlib import Path
 
 FILE = "index.faiss"
+TYPE = "faiss-ivf-sq8"
+RERANK, RERANK_MIN = 2, 20  # candidates re-ranked by exact cosine: max(RERANK * k, RERANK_MIN)
 MIN_CHUNKS = 20_000
 RETRAIN = 4
 TRAIN_PER_LIST = 64  # training vectors per cell (faiss asks for at least 39)
@@ -68,7 +76,7 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
     if total < MIN_CHUNKS:
         return None
     old = (previous or {}).get("ann")
-    if old and total <= RETRAIN * old["trained_on"]:
+    if old and old["type"] == TYPE and total <= RETRAIN * old["trained_on"]:
         index = faiss.read_index(str(Path(previous["folder"]) / old["file"]))
         kept = con.execute("SELECT key FROM chunks WHERE key < ?", [first_new_key]).fetchnumpy()["key"]
         gone = _gone(con, Path(previous["folder"]) / previous["file"], kept)
@@ -80,8 +88,8 @@ def write(con, folder: Path, total: int, previous: dict | None, first_new_key: i
     for keys, vectors in _batches(con, where):
         index.add_with_ids(vectors, keys)
     faiss.write_index(index, str(folder / FILE))
-    return {"type": "faiss-ivf-flat", "file": f"model/{FILE}", "metric": "cosine", "lists": index.nlist,
-            "probes": probes(index.nlist), "trained_on": int(trained_on)}
+    return {"type": TYPE, "file": f"model/{FILE}", "metric": "cosine", "lists": index.nlist, "probes": probes(index.nlist),
+            "rerank": {"factor": RERANK, "at_least": RERANK_MIN}, "trained_on": int(trained_on)}
 
 
 def _trained(con, total: int):
@@ -103,7 +111,12 @@ def _trained(con, total: int):
         sample[filled : filled + len(taken)] = taken
         filled += len(taken)
     sample = sample[:filled]
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(sample.shape[1]), sample.shape[1], n_lists, faiss.METRIC_INNER_PRODUCT)
+    dim = sample.shape[1]
+    index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, n_lists, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    # codes of the vectors themselves, not of their offsets from the cell centre: training then
+    # makes no second copy of the sample (118 MB at 100,000 chunks), and the re-ranking
+    # leaves the same recall (RESULTS.md)
+    index.by_residual = False
     index.train(sample)
     return index
 
@@ -130,19 +143,20 @@ def load(folder: Path, entry: dict):
     return index
 
 
-def search(index, query, k: int, keys=None) -> tuple[list[int], list[float]]:
-    """(keys, cosines) of the ``k`` best chunks, best first; only among ``keys`` when given,
-    probing more cells until ``k`` of them are found (all cells at worst: then exact)."""
+def candidates(index, query, k: int, keys=None) -> list[int]:
+    """Keys of the ``max(RERANK * k, RERANK_MIN)`` chunks nearest ``query`` by the index's
+    scores, to re-rank by exact cosine; only among ``keys`` when given, probing more cells
+    until ``k`` of them are found (all cells at worst)."""
     import faiss
     import numpy as np
 
     q = unit(np.asarray(query, dtype=np.float32)[None])
     probe, selector = index.nprobe, None if keys is None else faiss.IDSelectorBatch(np.asarray(keys, dtype=np.int64))
-    wanted = k if keys is None else min(k, len(keys))
+    wanted, many = (k if keys is None else min(k, len(keys))), max(RERANK * k, RERANK_MIN)
     while True:
         params = faiss.SearchParametersIVF(nprobe=probe, sel=selector) if selector is not None else faiss.SearchParametersIVF(nprobe=probe)
-        scores, found = index.search(q, k, params=params)
-        hits = [(int(key), float(s)) for key, s in zip(found[0], scores[0]) if key >= 0]
+        _, found = index.search(q, many, params=params)
+        hits = [int(key) for key in found[0] if key >= 0]
         if len(hits) >= wanted or probe >= index.nlist:
-            return [h[0] for h in hits], [h[1] for h in hits]
+            return hits
         probe = min(index.nlist, probe * 4)

@@ -5,7 +5,8 @@ hash), text, metadata (JSON), embedding FLOAT[dim], key (a number that stays wit
 from version to version). A refresh copies the unchanged rows' chunks from the previous
 version's file instead of embedding them again. Search loads the matrix once and ranks by
 cosine similarity with numpy (one pass over the matrix); from ``ann.MIN_CHUNKS`` chunks on, an
-approximate index (``ann``, faiss IVF) in the version folder finds the candidates instead.
+approximate index (``ann``, faiss IVF-SQ8) in the version folder finds candidates, which the
+matrix scores.
 ``DuckDBVectorStore`` exposes the chunks to llama-index retrievers.
 """
 
@@ -22,7 +23,7 @@ COLUMNS = ("chunk_id", "row_id", "position", "hash", "text", "metadata")
 # this limit +73 MB, 12 % slower to insert: tests/benchmarks/RESULTS.md). Blocks beyond it
 # are on disk already; a large query spills to a temporary file.
 WRITE_MEMORY = "128MB"
-# ... and while the ANN index is made: the vectors only stream through it, a batch at a time
+# ... and while the ANN index is made from the closed file: the vectors only stream through it
 READ_MEMORY = "32MB"
 
 
@@ -47,12 +48,18 @@ class Writer:
         return copied
 
     def finish(self) -> tuple[dict, int]:
+        import duckdb
+
         from . import ann
 
         total = self._con.execute("SELECT count(*) FROM chunks").fetchall()[0][0]
-        self._con.execute(f"SET memory_limit = '{READ_MEMORY}'")  # nothing more is written
-        index = ann.write(self._con, self._folder, int(total), self._previous if self._copied else None, self._first_new_key)
-        close(self._con)
+        close(self._con)  # the file is complete; the writer's cache of blocks goes with it
+        # the ANN index is made from the file read again, with a smaller cache
+        con = self._con = duckdb.connect(str(self._folder / FILE), read_only=True, config={"memory_limit": READ_MEMORY})
+        try:
+            index = ann.write(con, self._folder, int(total), self._previous if self._copied else None, self._first_new_key)
+        finally:
+            con.close()
         return {"backend": "duckdb", "file": f"model/{FILE}", **({"ann": index} if index else {})}, int(total)
 
     def discard(self) -> None:
@@ -206,8 +213,8 @@ class Vectors:
 
         positions = None if among is None else np.asarray(among, dtype=np.int64)
         if self._ann is not None and (positions is None or len(positions) > ann.MIN_CHUNKS):  # else exact: as fast
-            keys, scores = ann.search(self._ann, query, k, None if positions is None else self._keys[positions])
-            return [(int(p), s) for p, s in zip(self._position[keys], scores)]
+            # the index's candidates, scored below against the full vectors
+            positions = self._position[ann.candidates(self._ann, query, k, None if positions is None else self._keys[positions])]
         q = np.asarray(query, dtype=np.float32)
         q = q / (np.linalg.norm(q) or 1.0)
         matrix = self.matrix if positions is None else self.matrix[positions]
