@@ -182,6 +182,7 @@ def spool(data, path, namespace=None, con=None, params=None) -> "RowFile":
                     writer.write_batch(batch)
     else:
         frame = to_pandas(data)
+        frame = frame.set_axis([str(c) for c in frame.columns], axis=1)  # Parquet names are text
         schema = pa.Schema.from_pandas(frame, preserve_index=False)  # types of whole columns
         with pq.ParquetWriter(str(path), schema) as writer:
             for start in range(0, len(frame), SPOOL_BATCH):

@@ -38,7 +38,9 @@ INDEX_OPTIONS = ("embed", "chunk_size", "chunk_overlap")
 def columns_of(spec: RagSpec, rows) -> dict:
     """The id, text and metadata columns of ``rows`` (a ``data.RowFile``, typed by its Arrow
     schema, or a DataFrame) and the id type; a column that is not there raises here."""
-    if hasattr(rows, "schema"):
+    from ... import data
+
+    if isinstance(rows, data.RowFile):
         import pyarrow as pa
 
         types = {str(f.name): f.type for f in rows.schema}

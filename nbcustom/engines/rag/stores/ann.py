@@ -3,7 +3,7 @@ codes (IVF-SQ8), whose candidates are re-ranked by exact cosine.
 
 k-means splits the unit vectors into ``lists(n)`` cells; a question is compared with the cell
 centres, then with the codes of every vector in its ``probes`` nearest cells: one byte per
-dimension (a scalar quantizer trained on the residuals), a quarter of the vectors' size. The
+dimension (a scalar quantizer of the vectors), a quarter of their size. The
 best ``max(RERANK * k, RERANK_MIN)`` of them are then scored against the full vectors, which
 the search holds anyway (``duckdb.Vectors``), so the scores are exact cosines and only the
 candidates are approximate. The codes lose no recall against IVF-Flat's full vectors after
