@@ -10,6 +10,7 @@ import pytest
 
 import nbcustom
 from nbcustom.engines.rag import stores
+from nbcustom.errors import NbCustomError
 from nbcustom.engines.rag.stores import ann
 from nbcustom.store import Store, Version
 
@@ -70,6 +71,8 @@ def test_a_large_index_gets_an_ivf_index_that_a_refresh_updates_in_place(tmp_pat
     assert found._ann.code_size == DIM  # a byte per dimension: the index does not hold the vectors again
     order = [int(c[1:6]) for c in found.chunk_ids]
     assert recall(found, vectors[order], queries) >= 0.95
+    exact = [set(np.argsort(-(vectors[order] @ q))[:4].tolist()) for q in queries]  # the same top 4 for 95 % of the questions
+    assert sum({p for p, _ in found.search(q, 4)} == top for q, top in zip(queries, exact)) >= 0.95 * len(queries)
     # a filter that keeps 1/7 of the chunks, more than MIN_CHUNKS: the ANN path with faiss's selector
     calls = []
     monkeypatch.setattr(ann, "candidates", lambda *a, candidates=ann.candidates: calls.append(1) or candidates(*a))
@@ -160,6 +163,16 @@ def test_rag_end_to_end_with_the_approximate_index(ip, store_dir, monkeypatch):
     assert v2.manifest["index"]["store"]["ann"]["trained_on"] == 50 and v2.manifest["counts"]["chunks_copied"] == 49
     found = nbcustom.retrieve("facts", ["Who is the harbor master of Port Ellisande?", tower], top_k=5, search="vector", store=store_dir)
     assert found["id"].iloc[0] == 51 and 7 not in found["id"].tolist()
+    rare = nbcustom.retrieve("facts", tower, top_k=3, search="vector", where="id IN ('3', '9', '27')", store=store_dir)
+    assert sorted(rare["id"]) == [3, 9, 27]  # a --where that keeps k chunks of 50 returns all k
+
+    damaged = v2.path / "model" / "index.faiss"  # one byte changed: refused by its checksum
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(content))
+    with pytest.raises(NbCustomError, match="model/index.faiss failed its sha256 checksum") as error:
+        nbcustom.retrieve("facts", tower, store=store_dir)
+    assert "\n" not in str(error.value)
 
 
 def test_a_refresh_of_a_version_made_before_keys_existed_gives_every_chunk_its_own_key(tmp_path):
