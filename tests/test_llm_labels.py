@@ -1,6 +1,8 @@
 """Label tasks, evaluation during training, early stopping and the adapter kept, on the real
-embedded SmolLM2 (CPU, small data, few steps). The full label run (accuracy, confusion
-matrix, a saved notebook) is in test_llm_labels_notebook.py."""
+embedded SmolLM2 (CPU, small data, few steps). Early stopping, ``--keep last`` and ``--resume``
+are plumbing, checked on the tests' 2-layer ``tiny`` model (at a rate where its holdout loss
+turns up within a few steps). The full label run (accuracy, confusion matrix, a saved notebook)
+is in test_llm_labels_notebook.py."""
 
 from __future__ import annotations
 
@@ -159,7 +161,7 @@ def _holdout_loss(version, frame) -> float:
     from nbcustom.engines.llm import precision
     from nbcustom.engines.llm.generate import adapted, mean_loss
 
-    model, tokenizer = models.load_llm(models.resolve_llm(None))
+    model, tokenizer = models.load_llm(version.manifest["base"]["path"])
     options = version.manifest["options"]
     _, held_at = llm_data.split(len(frame), options["eval_frac"], options["seed"])
     held = llm_data.examples(frame.iloc[held_at].reset_index(drop=True), tokenizer, "prompt", "response", version.manifest["llm"]["system"])
@@ -168,9 +170,9 @@ def _holdout_loss(version, frame) -> float:
 
 
 @pytest.mark.slow
-def test_patience_stops_early_and_keeps_the_best_adapter(ip, store_dir):
+def test_patience_stops_early_and_keeps_the_best_adapter(ip, store_dir, tiny):
     frame = ip.user_ns["tickets"] = label_task.rows(40)
-    ip.run_cell_magic("finetune", f"tickets {TICKETS} --max-steps 30 --eval-every 1 --patience 2", "SELECT * FROM tickets")
+    ip.run_cell_magic("finetune", f"tickets {TICKETS} --base {tiny} --lr 2e-2 --max-steps 30 --eval-every 1 --patience 2", "SELECT * FROM tickets")
     version = Store(store_dir).get("tickets")
     run = version.manifest["llm"]
     evals = dict(map(tuple, run["evaluations"]))
@@ -182,9 +184,9 @@ def test_patience_stops_early_and_keeps_the_best_adapter(ip, store_dir):
 
 
 @pytest.mark.slow
-def test_keep_last_saves_the_last_step_and_runs_every_step(ip, store_dir):
+def test_keep_last_saves_the_last_step_and_runs_every_step(ip, store_dir, tiny):
     frame = ip.user_ns["tickets"] = label_task.rows(40)
-    ip.run_cell_magic("finetune", f"tickets {TICKETS} --max-steps 4 --eval-every 2 --keep last --patience 0", "SELECT * FROM tickets")
+    ip.run_cell_magic("finetune", f"tickets {TICKETS} --base {tiny} --max-steps 4 --eval-every 2 --keep last --patience 0", "SELECT * FROM tickets")
     version = Store(store_dir).get("tickets")
     run = version.manifest["llm"]
     assert run["steps"] == run["planned_steps"] == 4 and run["kept_step"] == 4 and run["eval_every"] == 2
@@ -192,7 +194,7 @@ def test_keep_last_saves_the_last_step_and_runs_every_step(ip, store_dir):
 
 
 @pytest.mark.slow
-def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
+def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch, tiny):
     """The run is interrupted at its last step: the checkpoint holds the best evaluation and
     its adapter, and the resumed run keeps the best over all evaluations, before and after."""
     import torch
@@ -200,7 +202,7 @@ def test_resume_keeps_the_best_so_far(ip, store_dir, monkeypatch):
     from nbcustom.engines.llm.train import Checkpoint
 
     frame = ip.user_ns["tickets"] = label_task.rows(40)
-    options = f"{TICKETS} --lr 5e-3 --max-steps 8 --eval-every 1 --patience 0"
+    options = f"{TICKETS} --base {tiny} --lr 5e-3 --max-steps 8 --eval-every 1 --patience 0"
     monkeypatch.setattr(sys.modules[Checkpoint.__module__], "CHECKPOINT_SECONDS", 0)  # a checkpoint at every planned step
     real_step = TextDisplay.step
 
