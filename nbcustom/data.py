@@ -157,10 +157,10 @@ def batches(data, size: int, namespace=None, con=None, params=None) -> Iterator[
         total = relation.aggregate("count(*)").fetchall()[0][0]
         if not total:
             raise NbCustomError(NO_ROWS)
-        reader = relation.to_arrow_reader(size)
-        for batch in reader:
-            for start in range(0, batch.num_rows, size):
-                yield batch.slice(start, size).to_pandas(), total
+        with relation.to_arrow_reader(size) as reader:  # closed, with its result, however the reading ends
+            for batch in reader:
+                for start in range(0, batch.num_rows, size):
+                    yield batch.slice(start, size).to_pandas(), total
 
 
 SPOOL_BATCH = 10_000  # rows read from DuckDB, written to Parquet and read back at a time
@@ -173,20 +173,23 @@ def spool(data, path, namespace=None, con=None, params=None) -> "RowFile":
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if isinstance(data, str):
-        con = con if con is not None else default_session().con
-        with _relation(con, data, namespace, params) as relation:
-            reader = relation.to_arrow_reader(SPOOL_BATCH)
-            with pq.ParquetWriter(str(path), reader.schema) as writer:
-                for batch in reader:
-                    writer.write_batch(batch)
-    else:
-        frame = to_pandas(data)
-        frame = frame.set_axis([str(c) for c in frame.columns], axis=1)  # Parquet names are text
-        schema = pa.Schema.from_pandas(frame, preserve_index=False)  # types of whole columns
-        with pq.ParquetWriter(str(path), schema) as writer:
-            for start in range(0, len(frame), SPOOL_BATCH):
-                writer.write_table(pa.Table.from_pandas(frame.iloc[start : start + SPOOL_BATCH], schema=schema, preserve_index=False))
+    try:
+        if isinstance(data, str):
+            con = con if con is not None else default_session().con
+            with _relation(con, data, namespace, params) as relation:
+                # closed however the loop ends: an open result would block the kernel's next query
+                with relation.to_arrow_reader(SPOOL_BATCH) as reader, pq.ParquetWriter(str(path), reader.schema) as writer:
+                    for batch in reader:
+                        writer.write_batch(batch)
+        else:
+            frame = to_pandas(data)
+            frame = frame.set_axis([str(c) for c in frame.columns], axis=1)  # Parquet names are text
+            schema = pa.Schema.from_pandas(frame, preserve_index=False)  # types of whole columns
+            with pq.ParquetWriter(str(path), schema) as writer:
+                for start in range(0, len(frame), SPOOL_BATCH):
+                    writer.write_table(pa.Table.from_pandas(frame.iloc[start : start + SPOOL_BATCH], schema=schema, preserve_index=False))
+    except pa.ArrowException as e:  # a type Parquet cannot hold (an INTERVAL), a column of mixed types
+        raise NbCustomError(f"cannot keep the rows as Parquet ({_first_line(e)[:120]}): select such a column as text, e.g. CAST(col AS VARCHAR), or leave it out") from None
     rows = RowFile(path)
     if not len(rows):
         raise NbCustomError(NO_ROWS)

@@ -96,6 +96,7 @@ BAD = {
     "NULL text": ("SELECT id, CASE WHEN id = 4 THEN NULL ELSE fact END AS fact FROM facts", "", "no text"),
     "missing id": ("SELECT fact FROM facts", "", "--id"),
     "unknown --text": ("SELECT * FROM facts", "--text body", "--text column 'body'"),
+    "a type Parquet cannot hold": ("SELECT *, INTERVAL 1 DAY AS wait FROM facts", "", "CAST(col AS VARCHAR)"),
     "eval without question": ("SELECT answer, source_id FROM questions", "--eval", "`question` column"),
     "eval without answer": ("SELECT question FROM questions", "--eval", "`answer` column"),
 }
@@ -113,6 +114,7 @@ def test_bad_input_is_one_line_error_and_leaves_the_store_unchanged(ip, store_di
         ip.run_cell_magic("rag", f"facts {flags}", sql)
     assert message in str(error.value) and "\n" not in str(error.value)
     assert snapshot(store_dir) == state
+    assert nbcustom.connection().execute("SELECT 42").fetchall() == [(42,)]  # no result left open on the kernel's connection
 
 
 def test_ask_without_questions_and_predict_without_question_column(ip, store_dir):
