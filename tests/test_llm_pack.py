@@ -145,6 +145,59 @@ def test_packed_loss_and_gradients_equal_the_padded_batch(capacity):
         assert (side_by_side - want).norm() / want.norm() < 1e-3
 
 
+def _sequence(prompt: list[int], answer: list[int]) -> llm_data.Example:
+    """A training sequence of token ids: the loss on the answer only."""
+    return llm_data.Example(0, "", "", None, prompt + answer, [-100] * len(prompt) + answer, len(prompt))
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a boolean mask, and one added to the scores
+def test_pairs_sharing_their_prefix_score_what_they_score_apart(tiny, attention):
+    """DPO's chosen and rejected answer packed with their common prefix once (``pack_pairs``)
+    give each sequence's summed log-probability, token count and LoRA gradients of packing
+    them apart: the rejected answer's tokens see the prefix but not the chosen answer, and
+    the prefix's targets (the last one predicting each answer's own next token) count for both."""
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rng = random.Random(0)
+
+    def tokens(n):
+        return [rng.randrange(1, 1000) for _ in range(n)]
+
+    prompt, short, common = tokens(40), tokens(6), tokens(3)
+    pairs = [
+        [_sequence(prompt, common + tokens(20)), _sequence(prompt, common + tokens(15))],  # a row of its own
+        [_sequence(short, tokens(4)), _sequence(short, tokens(5))],  # no answer token in common
+        [_sequence(short, common + tokens(2)), _sequence(short, common)],  # the rejected answer is a prefix of the chosen
+        [_sequence(short, common), _sequence(short, common + tokens(2))],  # and the other way round
+        [_sequence(tokens(5), tokens(3)), _sequence(tokens(4), tokens(4))],  # not even the first token
+    ]
+    assert [llm_pack._common(first.ids, second.ids) for first, second in pairs] == [43, 6, 9, 9, 0]
+    model = AutoModelForCausalLM.from_pretrained(tiny, attn_implementation=attention)
+    torch.manual_seed(0)
+    with adapted(model, config=lora_config(model, 8, 16)) as peft_model:
+        peft_model.eval()
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # a non-zero adapter, so its gradients are not trivial
+                torch.nn.init.normal_(p, std=0.5)
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        weights = torch.randn(2 * len(pairs))  # a loss in which every sequence counts differently
+        shared = llm_pack.pack_pairs(pairs, pad_id=0)
+        apart = llm_pack.pack([s for pair in pairs for s in pair], 0, pad_id=0)
+        results = []
+        for batch in (shared, apart):
+            sums, counts = llm_pack.sequence_logps(peft_model, batch, 2 * len(pairs))
+            results.append((sums.detach(), counts, torch.autograd.grad((sums * weights).sum(), params)))
+    (sums, counts, grads), (want_sums, want_counts, want_grads) = results
+    assert shared["input_ids"].shape[0] == 2 and shared["input_ids"].numel() < apart["input_ids"].numel()  # the short pairs share a row
+    assert counts.tolist() == want_counts.tolist() == [len(s.ids) - s.prompt_length for pair in pairs for s in pair]
+    assert torch.allclose(sums, want_sums, rtol=1e-5)
+    for got, want in zip(grads, want_grads):
+        assert want.norm() > 0 and (got - want).norm() / want.norm() < 1e-4
+
+
 def test_rows_side_by_side_are_split_where_the_widest_share_is_smallest():
     """Rows of similar width go to the same thread: each thread's pass is as wide as its widest
     row, so dealing rows in turn would give both threads the widest rows."""

@@ -7,6 +7,7 @@ the same token ids, with the same policy and reference, in float32 on CPU.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -35,15 +36,14 @@ def _sequence(row: int, prompt: list[int], completion: list[int]) -> Example:
     return Example(row, "", "", None, ids=prompt + completion, labels=[llm_pack.IGNORE] * len(prompt) + completion, prompt_length=len(prompt))
 
 
-@pytest.mark.slow
-def test_dpo_loss_equals_trls_dpo_trainer_on_a_fixed_batch(tmp_path):
+def test_dpo_loss_equals_trls_dpo_trainer_on_a_fixed_batch(tiny, tmp_path):
     import torch
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     # a copy of its own: TRL patches the model's forward (its fused LM head) and config,
     # which the kernel's shared copy must not keep for later tests
-    model, tokenizer = models.load_llm(models.resolve_llm(None), "cpu", "float32", shared=False)
+    model, tokenizer = models.load_llm(Path(tiny), "cpu", "float32", shared=False)
     data = Dataset.from_list(_conversational(feedback_task.pairs(ROWS)))
     args = DPOConfig(
         output_dir=str(tmp_path), beta=BETA, loss_type=["sigmoid"], precompute_ref_log_probs=False,

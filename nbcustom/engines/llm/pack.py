@@ -4,7 +4,9 @@ Packing: a step's examples are placed first-fit-decreasing into rows of at most
 ``capacity`` tokens, so almost no compute goes to padding. Position ids restart at 0 for
 each example; with no attention mask, transformers reads them as packed sequences and masks
 attention block-diagonally (an example never sees its row neighbours). Targets are shifted
-within each example, so no example predicts its neighbour's first token.
+within each example, so no example predicts its neighbour's first token. Pairs of sequences
+with a common prefix (DPO's chosen and rejected answer to one prompt) can share it instead
+(``pack_pairs``): one row segment per pair, under an explicit attention mask.
 
 Loss: only positions that carry a target go through the LM head, in chunks, and the
 gradient with respect to the hidden states is computed chunk by chunk during the forward
@@ -33,14 +35,7 @@ def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
     import torch
 
     capacity = max(capacity, max(len(e.ids) for e in items))
-    rows: list[list] = []  # [used, [(index, item)]]
-    for index, item in sorted(enumerate(items), key=lambda p: -len(p[1].ids)):
-        free = next((r for r in rows if r[0] + len(item.ids) <= capacity), None)
-        if free is None:
-            free = [0, []]
-            rows.append(free)
-        free[0] += len(item.ids)
-        free[1].append((index, item))
+    rows = _first_fit([len(e.ids) for e in items], capacity)
     trim, width = width is None, max(used for used, _ in rows) if width is None else max(width, capacity)
     ids = np.full((len(rows), width), pad_id, dtype=np.int64)
     positions = np.zeros((len(rows), width), dtype=np.int64)
@@ -48,8 +43,8 @@ def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
     owners = np.full((len(rows), width), -1, dtype=np.int64)
     for row, (used, members) in enumerate(rows):
         start = 0
-        for index, e in members:
-            n = len(e.ids)
+        for index in members:
+            e, n = items[index], len(items[index].ids)
             ids[row, start:start + n] = e.ids
             positions[row, start:start + n] = np.arange(n)
             targets[row, start:start + n - 1] = e.labels[1:]
@@ -62,6 +57,69 @@ def pack(items, capacity: int, pad_id: int, width: int | None = None) -> dict:
         "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions), "targets": torch.from_numpy(targets),
         "owners": torch.from_numpy(owners), "used": [used for used, _ in rows], "trim": trim, "tokens": sum(len(e.ids) for e in items),
     }
+
+
+def pack_pairs(pairs, pad_id: int) -> dict:
+    """A batch of ``pairs`` of sequences (each ``ids`` and ``labels``) that computes each
+    pair's common prefix once: the pair's part of its row holds the first sequence, then the
+    second's tokens after the prefix, at the positions that follow the prefix and seeing
+    only the prefix and themselves. CPU tensors: ``input_ids``, ``position_ids``,
+    ``attention_mask`` (rows x 1 x width x width, True where a token may attend), and the
+    targets listed rather than laid out, as a prefix token predicts for both sequences:
+    ``at`` (flat positions, repeated for both), ``labels`` and ``owners`` (2 x the pair's
+    index, plus 1 for its second sequence). Rows as in ``pack``, as wide as the longest pair."""
+    import numpy as np
+    import torch
+
+    shared = [_common(first.ids, second.ids) for first, second in pairs]
+    sizes = [len(first.ids) + len(second.ids) - n for (first, second), n in zip(pairs, shared)]
+    rows = _first_fit(sizes, max(sizes))
+    width = max(used for used, _ in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    positions = np.zeros((len(rows), width), dtype=np.int64)
+    mask = np.zeros((len(rows), 1, width, width), dtype=bool)
+    at, labels, owners = [], [], []
+    for row, (_, members) in enumerate(rows):
+        start = 0
+        for index in members:
+            (first, second), n, size = pairs[index], shared[index], sizes[index]
+            ids[row, start:start + size] = first.ids + second.ids[n:]
+            positions[row, start:start + size] = np.r_[0:len(first.ids), n:len(second.ids)]
+            block = np.tril(np.ones((size, size), dtype=bool))
+            block[len(first.ids):, n:len(first.ids)] = False  # the second sequence never sees the first's own tokens
+            mask[row, 0, start:start + size, start:start + size] = block
+            places = (np.arange(len(first.ids)), np.r_[0:n, len(first.ids):size])  # of each sequence's tokens
+            for owner, e, place in ((2 * index, first, places[0]), (2 * index + 1, second, places[1])):
+                targets = np.asarray(e.labels[1:], dtype=np.int64)  # token k predicts label k + 1
+                kept = targets != IGNORE
+                at.append(row * width + start + place[:-1][kept])
+                labels.append(targets[kept])
+                owners.append(np.full(int(kept.sum()), owner))
+            start += size
+        mask[row, 0, range(start, width), range(start, width)] = True  # padding sees itself (torch < 2.5's sdpa gives NaN where a token sees nothing)
+    return {
+        "input_ids": torch.from_numpy(ids), "position_ids": torch.from_numpy(positions), "attention_mask": torch.from_numpy(mask),
+        **{k: torch.from_numpy(np.concatenate(v).astype(np.int64)) for k, v in (("at", at), ("labels", labels), ("owners", owners))},
+    }
+
+
+def _common(a: list, b: list) -> int:
+    """The length of the common prefix of two token lists."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def _first_fit(lengths: list[int], capacity: int) -> list[list]:
+    """First-fit decreasing: rows of [tokens used, indices of the lengths placed], each
+    holding at most ``capacity`` tokens (at least the longest length)."""
+    rows: list[list] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        free = next((r for r in rows if r[0] + lengths[index] <= capacity), None)
+        if free is None:
+            free = [0, []]
+            rows.append(free)
+        free[0] += lengths[index]
+        free[1].append(index)
+    return rows
 
 
 def backward(model, batch: dict, max_tokens: int, streams: int = 1):
@@ -192,7 +250,7 @@ def sequence_logps(model, batch: dict, count: int):
 
     frozen = not _causal(model).get_output_embeddings().weight.requires_grad
     logps, _ = _through_head(model, batch, linear_logps if frozen else None, lambda logits, labels: logits.float().log_softmax(-1).gather(1, labels[:, None]).squeeze(1))
-    owners = batch["owners"].flatten()[batch["targets"].flatten() != IGNORE].to(logps.device)
+    owners = _targets(batch)[2].to(logps.device)
     sums = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, owners, logps)
     return sums, torch.bincount(owners, minlength=count)
 
@@ -206,12 +264,12 @@ def _through_head(model, batch: dict, on_hidden, on_logits):
     causal = _causal(model)
     body, head = getattr(causal, "model", None), causal.get_output_embeddings()
     device = head.weight.device
-    # which positions carry a target, found on the CPU: no device sync
-    keep = (batch["targets"] != IGNORE).flatten().nonzero().squeeze(1)
-    labels = batch["targets"].flatten()[keep].to(device)
-    keep = keep.to(device)
+    keep, labels, _ = _targets(batch)
+    keep, labels = keep.to(device), labels.to(device)
     # no cache: with one, transformers would not read the position ids as packed sequences
     inputs = {"input_ids": batch["input_ids"].to(device), "position_ids": batch["position_ids"].to(device), "use_cache": False}
+    if "attention_mask" in batch:  # shared prefixes (``pack_pairs``)
+        inputs["attention_mask"] = _attention_mask(causal, batch["attention_mask"]).to(device)
     # half-precision base weights: compute in that precision, float32 adapter weights included
     # (otherwise peft casts every adapter's input and output to float32); float32 weights
     # under the caller's autocast (CPU bf16) take the same path
@@ -224,6 +282,27 @@ def _through_head(model, batch: dict, on_hidden, on_logits):
             return on_logits(logits.flatten(0, 1)[keep], labels), len(labels)
         hidden = body(**inputs).last_hidden_state.flatten(0, 1).index_select(0, keep)
         return on_hidden(hidden, head.weight, labels), len(labels)
+
+
+def _targets(batch: dict):
+    """(flat positions, labels, owners or None) of the batch's targets, found on the CPU (no
+    device sync): listed by ``pack_pairs``, else read from the ``targets`` grid."""
+    if "at" in batch:
+        return batch["at"], batch["labels"], batch["owners"]
+    flat = batch["targets"].flatten()
+    keep = (flat != IGNORE).nonzero().squeeze(1)
+    return keep, flat[keep], batch["owners"].flatten()[keep] if "owners" in batch else None
+
+
+def _attention_mask(causal, allowed):
+    """The 4D boolean mask ``allowed`` as the model's attention takes it: as it is for sdpa,
+    else (eager, flex attention) as a float mask added to the scores."""
+    import torch
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if ALL_MASK_ATTENTION_FUNCTIONS[causal.config._attn_implementation] is sdpa_mask:
+        return allowed
+    return torch.zeros(allowed.shape).masked_fill_(~allowed, torch.finfo(torch.float32).min)
 
 
 @contextlib.contextmanager

@@ -270,11 +270,17 @@ class Objective:
 
     def _logps(self, model, group: list[Item], which: tuple):
         """(summed log-probabilities, token counts) of the items' sequences ``which``, item by
-        item; model None: the reference's, scored once."""
+        item; model None: the reference's, scored once. DPO's chosen and rejected answer
+        share their common prefix (``pack_pairs``: a third fewer tokens on feedback_task's pairs).
+        KTO's reference could share the prompt too, but its policy scores one sequence at a
+        time: scored in other rows, the reference differs from the starting policy by more
+        bf16 rounding (measured: held-out answers that follow the rules 0.85 -> 0.45)."""
         import torch
 
         if model is None:
             return tuple(torch.tensor([getattr(item, kind)[k] for item in group for k in which]) for kind in ("reference", "counts"))
+        if self.method == "dpo" and which == (0, 1):
+            return llm_pack.sequence_logps(model, llm_pack.pack_pairs([item.sequences for item in group], self.pad_id), 2 * len(group))
         sequences = [item.sequences[k] for item in group for k in which]
         return llm_pack.sequence_logps(model, llm_pack.pack(sequences, 0, self.pad_id), len(sequences))
 
