@@ -10,8 +10,8 @@ import pytest
 
 import nbcustom
 from nbcustom.engines.rag import stores
-from nbcustom.errors import NbCustomError
 from nbcustom.engines.rag.stores import ann
+from nbcustom.errors import NbCustomError
 from nbcustom.store import Store, Version
 
 from rag_facts import facts_frame
