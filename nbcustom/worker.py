@@ -35,6 +35,7 @@ from . import settings
 from .errors import NbCustomError
 
 NAME = "nbcustom-worker"
+PARENT = "NBCUSTOM_SERVER_PARENT"  # the fork server's environment: the process it ends with
 POLL = 0.2  # seconds between looks at the worker's memory
 GRACE = 10.0  # seconds an interrupted worker gets to stop before SIGKILL
 DISPLAY_CALLS = ("phase", "step", "log")
@@ -70,10 +71,7 @@ def start() -> None:
     """Start the fork server now (``%load_ext``): it imports the libraries while the
     notebook's first cells run, not when the first training cell waits for it."""
     if enabled():
-        from multiprocessing import forkserver
-
         _context()
-        forkserver.ensure_running()
 
 
 def run(train, spec, rows, previous, build, display, kind: str):
@@ -134,7 +132,20 @@ def _context():
         spawn.get_preparation_data = _without_main(spawn.get_preparation_data)
     context = mp.get_context("forkserver")
     context.set_forkserver_preload(["nbcustom._preload"])
+    _serve()
     return context
+
+
+def _serve() -> None:
+    """Start the fork server unless it runs. It is told this process's id: ``_preload``
+    ends it with this process, also when this process ended before it could ask."""
+    from multiprocessing import forkserver
+
+    os.environ[PARENT] = str(os.getpid())
+    try:
+        forkserver.ensure_running()
+    finally:
+        os.environ.pop(PARENT, None)
 
 
 def _without_main(prepare):

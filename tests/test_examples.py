@@ -71,13 +71,14 @@ def test_quickstart_through_papermill_with_changed_parameters(tmp_path, monkeypa
 def test_finetune_support_bot(tmp_path, monkeypatch):
     nb = execute("finetune_support_bot.ipynb", {"N_TICKETS": 40, "STEPS": 5, "MORE_STEPS": 2}, tmp_path, monkeypatch)
     first = summary(cell(nb, "%%finetune support_bot"))
-    assert "exact_match" in first["text/html"] and "loss" in first["text/html"]  # metrics and the loss chart
-    assert "examples" in first["text/html"] and "reference" in first["text/html"]
+    for text in ("base", "v1", "before", "after", "exact_match", "eval_loss", "rouge_l", "examples", "reference"):
+        assert text in first["text/html"], text  # the before/after table and the held-out examples
+    assert first["text/html"].count("<img") >= 2  # the loss chart and the before/after chart
     v1, v2 = manifest(tmp_path, "support_bot", 1), manifest(tmp_path, "support_bot", 2)
     assert v2["parent"] == 1 and set(v2["metrics"]["before"]) == set(v1["metrics"]["after"])
     assert "prediction" in cell(nb, "%%predict").outputs[-1].data["text/plain"]
     shown = cell(nb, "%nbc show").outputs[-1].data
-    assert "support_bot@2" in shown["text/plain"] and "image/png" in shown
+    assert "support_bot@2" in shown["text/plain"] and "exact_match" in shown["text/plain"] and "image/png" in shown
 
 
 def test_retrain_forecast(tmp_path, monkeypatch):
@@ -96,12 +97,18 @@ def test_retrain_forecast(tmp_path, monkeypatch):
 
 def test_rag_handbook(tmp_path, monkeypatch):
     nb = execute("rag_handbook.ipynb", {"TOP_K": 2}, tmp_path, monkeypatch)
+    assert not [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "stream"]  # no library noise
+    built = summary(cell(nb, "%%rag handbook --metadata"))["text/html"]
+    assert "handbook -&gt; v1" in built and "added" in built and "embedded" in built
     answers = cell(nb, "%%rag handbook --ask").outputs[-1].data
+    assert answers["text/html"].count("<b>Q:</b>") == 2  # both questions of the cell
     assert "leave-1" in answers["text/plain"] and "<th>snippet</th>" in answers["text/html"]
     assert "faithfulness" in answers["text/plain"] and "<th>score</th><th>vector</th><th>keyword</th>" in answers["text/html"]
     refreshed = manifest(tmp_path, "handbook", 2)["counts"]
     assert (refreshed["changed"], refreshed["added"], refreshed["removed"], refreshed["embedded"]) == (1, 0, 0, 1)
     evaluated = summary(cell(nb, "%%rag handbook --eval"))["text/html"]
-    assert "LLM alone" in evaluated and "hit_rate@2" in evaluated and "faithfulness" in evaluated
-    predicted = cell(nb, "%%predict handbook").outputs[-1].data["text/plain"]
-    assert "prediction" in predicted and "sources" in predicted
+    assert "LLM alone" in evaluated and "with retrieval (top 2, hybrid)" in evaluated and "faithfulness" in evaluated
+    assert "answer_contains" in evaluated and "hit_rate@2" in evaluated and "mrr" in evaluated
+    predicted = cell(nb, "%%predict handbook").outputs[-1]
+    assert predicted.output_type == "execute_result"
+    assert "prediction" in predicted.data["text/plain"] and "sources" in predicted.data["text/plain"]
