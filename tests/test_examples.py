@@ -59,6 +59,9 @@ def test_quickstart_through_papermill_with_changed_parameters(tmp_path, monkeypa
     for magic in ("%%finetune", "%%retrain", "%%rag handbook --eval"):
         html = summary(cell(nb, magic))["text/html"]
         assert "<table" in html and "delta" in html
+    for nth, before, after in ((0, "baseline", "v1"), (1, "v1", "v2")):  # no AutoGluon log lines in either
+        html = summary(cell(nb, "%%retrain house_prices", nth))["text/html"]
+        assert before in html and after in html and "leaderboard" in html
     built = summary(cell(nb, "%%rag handbook --metadata"))["text/html"]
     assert "<table" in built and "unchanged" in built  # the refresh table and chart
     answers = cell(nb, "%%rag handbook --ask").outputs[-1].data
