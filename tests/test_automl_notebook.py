@@ -22,7 +22,7 @@ CELLS = [
 @pytest.mark.slow
 def test_forecast_with_known_covariates_is_handed_the_plan_in_a_notebook(tmp_path):
     tests = str(Path(__file__).parent)
-    nb = run_notebook([c.replace("{tests!r}", repr(tests)) for c in CELLS], tmp_path / "store", timeout=600)
+    nb = run_notebook([c.replace("{tests!r}", repr(tests)) for c in CELLS], tmp_path / "store", timeout=600, worker="off")  # in the kernel: see test_worker.py
     outputs = [cell.outputs for cell in nb.cells]
     errors = {i: o for i, cell in enumerate(outputs) for o in cell if o.output_type == "error"}
     assert sorted(errors) == [4], errors

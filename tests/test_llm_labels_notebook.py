@@ -27,7 +27,8 @@ def test_label_task_in_a_saved_notebook(tmp_path):
     from nbcustom import Store
 
     tests = str(Path(__file__).parent)
-    nb = run_notebook([c.format(tests=tests, system=label_task.SYSTEM) for c in CELLS], tmp_path / "store", ui="static", timeout=3600)
+    nb = run_notebook([c.format(tests=tests, system=label_task.SYSTEM) for c in CELLS], tmp_path / "store", ui="static", timeout=3600,
+                      worker="off")  # training in the kernel: no fork server preloading beside it (the worker: test_worker.py)
     errors = [o for cell in nb.cells for o in cell.outputs if o.output_type == "error"]
     assert not errors, errors
 

@@ -264,7 +264,7 @@ def test_nbc_serve_in_a_kernel_returns_at_once_and_answers_the_notebook(served_s
         "reply = api.chat.completions.create(model='hb', messages=[{'role': 'user', 'content': 'Who receives the reports of sick days?'}])\n"
         "print(reply.choices[0].message.content, [s['id'] for s in reply.model_extra['sources']])",
         "%nbc serve --stop",
-    ], served_store)
+    ], served_store, worker="off")  # it trains nothing: no fork server
     started = nb.cells[1].outputs[0]["text"]
     assert f"http://127.0.0.1:{port}/v1" in started and float(started.split("took ")[1].split("s")[0]) < 30
     assert "[3," in nb.cells[2].outputs[0]["text"]

@@ -41,7 +41,7 @@ def test_magics_and_the_api_share_the_kernels_store_in_a_notebook(tmp_path):
             "print(len(predicted), predicted['prediction'].notna().all(), model.version.path)\n"
             "print(answers['sources'][0][0]['id'])",
         ],
-        tmp_path / "env_store", ui="static",
+        tmp_path / "env_store", ui="static", worker="off",  # in the kernel: see test_worker.py
     )
     errors = [o for cell in nb.cells for o in cell.outputs if o.output_type == "error"]
     assert not errors, errors[0]["traceback"][-1] if errors else ""
