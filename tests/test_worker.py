@@ -186,16 +186,12 @@ def test_memory_limit_must_be_a_size(worker_on, tmp_path, monkeypatch):
     assert not (tmp_path / "store").exists()
 
 
-if sys.platform != "linux":  # the fork server, /proc and process groups
-    pytestmark = pytest.mark.skip("the worker tests need Linux")
-
-
 def test_the_fork_server_ends_with_the_process_that_started_it_even_while_it_preloads():
     """A script or kernel that exits in its first second leaves no server importing torch
     for nobody (it used to run on for the whole preload, 6-8 s of CPU)."""
     import subprocess
 
-    code = ("import os, sys\nfrom nbcustom import worker\nworker.start()\n"
+    code = ("import os\nfrom nbcustom import worker\nworker.start()\n"
             "from multiprocessing import forkserver\nprint(forkserver._forkserver._forkserver_pid, flush=True)\nos._exit(0)")
     script = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env={**os.environ, "NBCUSTOM_WORKER": "on"})
     server = int(script.stdout.readline())
@@ -204,3 +200,7 @@ def test_the_fork_server_ends_with_the_process_that_started_it_even_while_it_pre
     while Path(f"/proc/{server}").exists() and b"forkserver" in Path(f"/proc/{server}/cmdline").read_bytes():
         assert time.monotonic() < deadline, "the fork server outlived its parent"
         time.sleep(0.05)
+
+
+if sys.platform != "linux":  # the fork server, /proc and process groups
+    pytestmark = pytest.mark.skip("the worker tests need Linux")
