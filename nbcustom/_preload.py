@@ -11,15 +11,17 @@ import contextlib
 import os
 import signal
 
-# The server ends with the process that started it (``worker._serve``), also while this
-# preload still runs: a kernel or script that exits in its first seconds would leave it
-# importing for nobody.
-with contextlib.suppress(OSError, AttributeError, ValueError):
-    import ctypes
+# A server started by a process's main thread ends with that process (``worker._serve``),
+# also while this preload still runs: a kernel or script that exits in its first seconds
+# would leave it importing for nobody.
+_parent = os.environ.pop("NBCUSTOM_SERVER_PARENT", None)
+if _parent:
+    with contextlib.suppress(OSError, AttributeError, ValueError):
+        import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if os.getppid() != int(os.environ.pop("NBCUSTOM_SERVER_PARENT", os.getppid())):
-        os._exit(0)  # it ended before the line above
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != int(_parent):
+            os._exit(0)  # it ended before the line above
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 

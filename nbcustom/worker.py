@@ -137,11 +137,16 @@ def _context():
 
 
 def _serve() -> None:
-    """Start the fork server unless it runs. It is told this process's id: ``_preload``
-    ends it with this process, also when this process ended before it could ask."""
+    """Start the fork server unless it runs. Started by the main thread, it is told this
+    process's id: ``_preload`` ends it with this process, also when this process ended
+    before it could ask. Linux's parent-death signal follows the thread that started the
+    server, so one started by another thread (a job's) is left to end as before: it would
+    otherwise die, with its workers, when that thread does."""
+    import threading
     from multiprocessing import forkserver
 
-    os.environ[PARENT] = str(os.getpid())
+    if threading.current_thread() is threading.main_thread():
+        os.environ[PARENT] = str(os.getpid())
     try:
         forkserver.ensure_running()
     finally:

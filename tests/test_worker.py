@@ -202,5 +202,17 @@ def test_the_fork_server_ends_with_the_process_that_started_it_even_while_it_pre
         time.sleep(0.05)
 
 
-if sys.platform != "linux":  # the fork server, /proc and process groups
+
+def test_a_fork_server_a_thread_started_outlives_that_thread():
+    """The parent-death signal follows the starting thread: a server a job's thread started
+    must not die, with its workers, when that thread ends."""
+    import subprocess
+
+    code = ("import os, threading, time\nfrom nbcustom import worker\nfrom multiprocessing import forkserver\n"
+            "t = threading.Thread(target=lambda: (worker.start(), time.sleep(1.5))); t.start(); t.join(); time.sleep(1.0)\n"
+            "pid = forkserver._forkserver._forkserver_pid\nprint(pid, os.waitpid(pid, os.WNOHANG)[0] == 0, flush=True)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "NBCUSTOM_WORKER": "on"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[1] == "True"  # alive a second after its thread ended
+  # the fork server, /proc and process groups
     pytestmark = pytest.mark.skip("the worker tests need Linux")
