@@ -13,9 +13,9 @@ writes the model files into the build's staging folder; the kernel commits the v
   staging folder is removed, so the store is untouched.
 - Ctrl-C interrupts the child and waits for it; every process of the run is stopped
   before the cell ends (the child leads its own process group). GPU memory goes with it.
-- ``NbCustom.memory_limit`` (``8GB``): the kernel stops a worker whose resident memory
-  passes it (sampled every ``POLL`` seconds), before the system's out-of-memory killer has
-  to choose a process, which may be the kernel.
+- ``NbCustom.memory_limit`` (``8GB``): the kernel stops a worker whose peak resident
+  memory passes it (sampled every ``POLL`` seconds), before the system's out-of-memory
+  killer has to choose a process, which may be the kernel.
 - ``%config NbCustom.worker = 'off'`` (or ``NBCUSTOM_WORKER=off``) trains in the kernel, as
   before.
 """
@@ -205,14 +205,16 @@ class _Watch:
         self.oom_kills = _oom_kills()
 
     def sample(self, pid: int) -> int:
-        """The worker's resident memory now, in bytes (0 when unknown); keeps the peak."""
+        """The worker's peak resident memory so far, in bytes (0 when unknown). The peak
+        (VmHWM, which starts at the resident memory at the fork): a training step's
+        activations go back to the system when it ends, so the memory now, sampled between
+        steps, can miss a peak over the limit."""
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            peak = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
         except OSError:
             return 0
-        now, peak = (re.search(rf"{field}:\s+(\d+) kB", status) for field in ("VmRSS", "VmHWM"))
         self.peak = max(self.peak, int(peak.group(1)) * 1024 if peak else 0)
-        return int(now.group(1)) * 1024 if now else 0
+        return self.peak
 
     def where(self) -> str:
         state = self.display.state

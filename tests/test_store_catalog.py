@@ -190,8 +190,10 @@ con = duckdb.connect(sys.argv[2], read_only=True)
 for i in range(20):
     nbcustom.rag("docs", "SELECT * FROM docs", con=con, store=sys.argv[1], ui="none")
 """
+# the reader reads every version it sees, then lets the writers have the cores for a moment (a
+# reader in a busy loop took one of the two cores from the rest of the suite)
 _READER = """
-import os, sys
+import os, sys, time
 from nbcustom.store import Store
 store, reads = Store(sys.argv[1]), 0
 while not os.path.exists(sys.argv[2]):
@@ -199,6 +201,7 @@ while not os.path.exists(sys.argv[2]):
         for row in store.versions(model["name"]):
             store.get(model["name"], row["version"])  # checksums verified
             reads += 1
+    time.sleep(0.2)
 print(reads)
 """
 

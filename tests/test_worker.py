@@ -186,6 +186,47 @@ def test_memory_limit_must_be_a_size(worker_on, tmp_path, monkeypatch):
     assert not (tmp_path / "store").exists()
 
 
+def calm(spec, rows, previous, build, display):
+    return "finished"
+
+
+def spike(spec, rows, previous, build, display):
+    """A run whose memory passes 300 MB over the server's for a moment between two of the
+    kernel's looks, as a training step's activations do, then stays low."""
+    import numpy as np
+
+    display.phase("training")  # the kernel looks at the worker's memory as this arrives
+    time.sleep(0.05)
+    block = np.ones(300 * 2**20 // 8)
+    del block  # back to the system: an allocation this large is a mapping of its own
+    time.sleep(1.5)
+    return "finished"
+
+
+def test_the_memory_limit_stops_a_run_whose_peak_passed_it_between_two_looks(worker_on, tmp_path, monkeypatch):
+    """The limit is checked against the worker's peak memory: its memory at the moment of a
+    look (the first way) missed a step's peak, and such a run went on (seen as a flaky test)."""
+    from multiprocessing import forkserver
+
+    from nbcustom import Store, settings, worker
+    from nbcustom.display.run import TextDisplay
+    from nbcustom.errors import NbCustomError
+
+    store, display = Store(tmp_path / "store"), TextDisplay("spike", stream=__import__("io").StringIO())
+    with store.build("calm", "automl") as build:  # the first run waits for the server's preload
+        assert worker.run(calm, None, None, None, build, display, "automl") == "finished"
+    server = forkserver._forkserver._forkserver_pid
+    resident = int(Path(f"/proc/{server}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
+    limit = str(resident + 150 * 2**20)
+    monkeypatch.setenv("NBCUSTOM_MEMORY_LIMIT", limit)
+    if settings._kernel is not None:
+        monkeypatch.setattr(settings._kernel, "memory_limit", limit)
+    with pytest.raises(NbCustomError, match=r"passed NbCustom.memory_limit .* while training \(peak"):
+        with store.build("spike", "automl") as build:
+            worker.run(spike, None, None, None, build, display, "automl")
+    assert [m["name"] for m in store.models()] == ["calm"]
+
+
 def test_the_fork_server_ends_with_the_process_that_started_it_even_while_it_preloads():
     """A script or kernel that exits in its first second leaves no server importing torch
     for nobody (it used to run on for the whole preload, 6-8 s of CPU)."""
