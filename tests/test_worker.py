@@ -187,7 +187,8 @@ def test_memory_limit_must_be_a_size(worker_on, tmp_path, monkeypatch):
 
 
 def calm(spec, rows, previous, build, display):
-    return "finished"
+    """A run that allocates nothing: its resident memory, in bytes."""
+    return int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
 
 
 def spike(spec, rows, previous, build, display):
@@ -206,18 +207,13 @@ def spike(spec, rows, previous, build, display):
 def test_the_memory_limit_stops_a_run_whose_peak_passed_it_between_two_looks(worker_on, tmp_path, monkeypatch):
     """The limit is checked against the worker's peak memory: its memory at the moment of a
     look (the first way) missed a step's peak, and such a run went on (seen as a flaky test)."""
-    from multiprocessing import forkserver
-
     from nbcustom import Store, settings, worker
     from nbcustom.display.run import TextDisplay
     from nbcustom.errors import NbCustomError
 
     store, display = Store(tmp_path / "store"), TextDisplay("spike", stream=__import__("io").StringIO())
-    with store.build("calm", "automl") as build:  # the first run waits for the server's preload
-        assert worker.run(calm, None, None, None, build, display, "automl") == "finished"
-    server = forkserver._forkserver._forkserver_pid
-    resident = int(Path(f"/proc/{server}/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
-    limit = str(resident + 150 * 2**20)
+    with store.build("calm", "automl") as build:  # a worker's memory (a fork shares the server's pages)
+        limit = str(worker.run(calm, None, None, None, build, display, "automl") + 150 * 2**20)
     monkeypatch.setenv("NBCUSTOM_MEMORY_LIMIT", limit)
     if settings._kernel is not None:
         monkeypatch.setattr(settings._kernel, "memory_limit", limit)
