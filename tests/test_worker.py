@@ -192,8 +192,8 @@ def calm(spec, rows, previous, build, display):
 
 
 def spike(spec, rows, previous, build, display):
-    """A run whose memory passes 300 MB over the server's for a moment between two of the
-    kernel's looks, as a training step's activations do, then stays low."""
+    """A run whose memory rises 300 MB for a moment between two of the kernel's looks, as a
+    training step's activations do, then stays low."""
     import numpy as np
 
     display.phase("training")  # the kernel looks at the worker's memory as this arrives
@@ -207,12 +207,15 @@ def spike(spec, rows, previous, build, display):
 def test_the_memory_limit_stops_a_run_whose_peak_passed_it_between_two_looks(worker_on, tmp_path, monkeypatch):
     """The limit is checked against the worker's peak memory: its memory at the moment of a
     look (the first way) missed a step's peak, and such a run went on (seen as a flaky test)."""
+    import io
+
     from nbcustom import Store, settings, worker
     from nbcustom.display.run import TextDisplay
     from nbcustom.errors import NbCustomError
 
-    store, display = Store(tmp_path / "store"), TextDisplay("spike", stream=__import__("io").StringIO())
-    with store.build("calm", "automl") as build:  # a worker's memory (a fork shares the server's pages)
+    store, display = Store(tmp_path / "store"), TextDisplay("spike", stream=io.StringIO())
+    # the limit: 150 MB over a worker's own memory (a fork starts without the server's file pages)
+    with store.build("calm", "automl") as build:
         limit = str(worker.run(calm, None, None, None, build, display, "automl") + 150 * 2**20)
     monkeypatch.setenv("NBCUSTOM_MEMORY_LIMIT", limit)
     if settings._kernel is not None:
