@@ -11,10 +11,12 @@ import contextlib
 import os
 import signal
 
+from nbcustom.worker import PARENT
+
 # A server started by a process's main thread ends with that process (``worker._serve``),
 # also while this preload still runs: a kernel or script that exits in its first seconds
 # would leave it importing for nobody.
-_parent = os.environ.pop("NBCUSTOM_SERVER_PARENT", None)
+_parent = os.environ.pop(PARENT, None)
 if _parent:
     with contextlib.suppress(OSError, AttributeError, ValueError):
         import ctypes

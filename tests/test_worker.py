@@ -264,7 +264,6 @@ def test_the_fork_server_ends_with_the_process_that_started_it_even_while_it_pre
         time.sleep(0.05)
 
 
-
 def test_a_fork_server_a_thread_started_outlives_that_thread():
     """The parent-death signal follows the starting thread: a server a job's thread started
     must not die, with its workers, when that thread ends."""
@@ -276,5 +275,7 @@ def test_a_fork_server_a_thread_started_outlives_that_thread():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**os.environ, "NBCUSTOM_WORKER": "on"})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[1] == "True"  # alive a second after its thread ended
-  # the fork server, /proc and process groups
+
+
+if sys.platform != "linux":  # the fork server, /proc and process groups
     pytestmark = pytest.mark.skip("the worker tests need Linux")
