@@ -48,8 +48,10 @@ test: install-dev
 	$(PY) -m pytest -ra --durations=15 -n $(TEST_PROCESSES) --dist loadfile -m "not serial" tests
 	$(PY) -m pytest -ra --durations=5 -m serial tests
 
+# The same split without the slow tests (those that train a real model for a minute or more).
 test-quick: install-dev
-	$(PY) -m pytest -ra -m "not slow" tests
+	$(PY) -m pytest -ra -n $(TEST_PROCESSES) --dist loadfile -m "not slow and not serial" tests
+	$(PY) -m pytest -ra -m "serial and not slow" tests
 
 clean:
 	rm -rf $(VENV) $(OUT) nbcustom_store
